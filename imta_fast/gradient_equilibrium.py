@@ -1,0 +1,60 @@
+"""Gradient Equilibrium (IMTA, spec §2): identity forward, rescaled gradients backward.
+
+The reference applies two chained rescale ops to block ``k``'s coarsest output ``h``: the head
+reads ``r(h, 1/(K-k))`` and block ``k+1`` reads ``r(r(h, 1/(K-k)), K-k-1)``. Their net effect is
+
+    dL/dh = s_head * g_head + s_next * g_next,   s_head = 1/(K-k),  s_next = (K-k-1)/(K-k).
+
+``gradient_equilibrium_split`` is that effect as one op with two outputs that alias ``h`` (no
+copy in forward).  This is the plain-PyTorch reference; the fused Triton op in
+``imta_fast.kernels`` must match it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["gradient_rescale", "gradient_equilibrium_split", "GradientEquilibriumSplit"]
+
+
+class GradientRescale(torch.autograd.Function):
+    """``y = x`` forward, ``dx = scale * dy`` backward (the reference's GradientRescaleFunction)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class GradientEquilibriumSplit(torch.autograd.Function):
+    """Two aliases of ``x``; backward forms ``s_head * g_head + s_next * g_next`` in one expression."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s_head: float, s_next: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx.s_head, ctx.s_next = s_head, s_next
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g_head: Optional[torch.Tensor], g_next: Optional[torch.Tensor]):
+        if g_head is None and g_next is None:
+            return None, None, None
+        if g_next is None:
+            return g_head * ctx.s_head, None, None
+        if g_head is None:
+            return g_next * ctx.s_next, None, None
+        return torch.add(g_head * ctx.s_head, g_next, alpha=ctx.s_next), None, None
+
+
+def gradient_rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity whose gradient is multiplied by ``scale``."""
+    return GradientRescale.apply(x, scale)
+
+
+def gradient_equilibrium_split(x: torch.Tensor, s_head: float, s_next: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(head_input, next_input)``, both equal to ``x``, with GE's two gradient scales."""
+    return GradientEquilibriumSplit.apply(x, s_head, s_next)

@@ -1,0 +1,77 @@
+"""Model registry (timm-style): named MSDNet configurations and ``create_model``.
+
+Names:
+- ``msdnet_imagenet_step4`` / ``_step6`` / ``_step7``: the ImageNet networks (IMTA uses step 4).
+- ``msdnet_cifar_anytime``: CIFAR 7-block anytime network (base 4, step 2, even).
+- ``msdnet_cifar_budget``: CIFAR 5-block budget network (base 1, step 1, lin_grow).
+- ``msdnet_mnist``: sized for 28x28 single-channel input (the embedded MNIST demo).
+- ``msdnet_tiny``: a few thousand parameters, for CPU tests.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Dict, List
+
+from imta_fast.models.msdnet import MSDNet, MSDNetConfig
+
+__all__ = ["MSDNet", "MSDNetConfig", "create_model", "list_models", "model_config", "register_model"]
+
+_CONFIGS: Dict[str, Callable[[], MSDNetConfig]] = {}
+
+
+def register_model(name: str):
+    def wrap(fn: Callable[[], MSDNetConfig]):
+        _CONFIGS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _imagenet(step: int) -> MSDNetConfig:
+    return MSDNetConfig(num_classes=1000, n_blocks=5, base=step, step=step, step_mode="even", n_channels=32, growth_rate=16,
+                        gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), stem="imagenet", head="imagenet", image_size=224)
+
+
+for _step in (4, 6, 7):
+    register_model(f"msdnet_imagenet_step{_step}")(lambda s=_step: _imagenet(s))
+
+
+@register_model("msdnet_cifar_anytime")
+def _cifar_anytime() -> MSDNetConfig:
+    return MSDNetConfig(num_classes=100, n_blocks=7, base=4, step=2, step_mode="even", n_channels=16, growth_rate=6,
+                        gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), stem="cifar", head="cifar", image_size=32)
+
+
+@register_model("msdnet_cifar_budget")
+def _cifar_budget() -> MSDNetConfig:
+    return replace(_cifar_anytime(), n_blocks=5, base=1, step=1, step_mode="lin_grow")
+
+
+@register_model("msdnet_mnist")
+def _mnist() -> MSDNetConfig:
+    # 28x28x1 -> scales 28/14/7; the CIFAR head takes 7 -> 4 -> 2 -> 1.
+    return MSDNetConfig(num_classes=10, n_blocks=4, base=2, step=2, step_mode="even", n_channels=8, growth_rate=4,
+                        gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), stem="cifar", head="cifar", in_channels=1,
+                        image_size=28, cifar_head_width=32)
+
+
+@register_model("msdnet_tiny")
+def _tiny() -> MSDNetConfig:
+    return MSDNetConfig(num_classes=10, n_blocks=3, base=1, step=1, step_mode="even", n_channels=4, growth_rate=2,
+                        gr_factor=(1, 2), bn_factor=(1, 2), stem="cifar", head="cifar", image_size=16,
+                        cifar_head_width=8)
+
+
+def list_models() -> List[str]:
+    return sorted(_CONFIGS)
+
+
+def model_config(name: str, **overrides) -> MSDNetConfig:
+    """The named configuration, with fields overridden (e.g. ``num_classes``, ``in_channels``)."""
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return replace(_CONFIGS[name](), **overrides)
+
+
+def create_model(name: str, gradient_equilibrium: bool = False, **overrides) -> MSDNet:
+    return MSDNet(model_config(name, **overrides), gradient_equilibrium=gradient_equilibrium)
