@@ -14,7 +14,7 @@ from typing import Callable, Dict, List
 
 from imta_fast.models.msdnet import MSDNet, MSDNetConfig
 
-__all__ = ["MSDNet", "MSDNetConfig", "create_model", "list_models", "model_config", "register_model"]
+__all__ = ["MSDNet", "MSDNetConfig", "create_imta_model", "create_model", "list_models", "model_config", "register_model"]
 
 _CONFIGS: Dict[str, Callable[[], MSDNetConfig]] = {}
 
@@ -75,3 +75,10 @@ def model_config(name: str, **overrides) -> MSDNetConfig:
 
 def create_model(name: str, gradient_equilibrium: bool = False, **overrides) -> MSDNet:
     return MSDNet(model_config(name, **overrides), gradient_equilibrium=gradient_equilibrium)
+
+
+def create_imta_model(backbone: MSDNet, isc_detach: bool = False, backbone_bn: str = "train"):
+    """IMTA stage-2 network (ISC heads + OFA teacher) on a stage-1 backbone."""
+    from imta_fast.models.imta import IMTANet
+
+    return IMTANet(backbone, isc_detach=isc_detach, backbone_bn=backbone_bn)
