@@ -1,0 +1,436 @@
+"""Boring, atomic checkpoints (timm saver / torchtitan auto-load style).
+
+A checkpoint is a plain dict that loads with ``torch.load(..., weights_only=True)``, so resuming never
+unpickles arbitrary code::
+
+    {model, optimizer, scheduler, epoch, step, rng, config, split_sha256, metrics, format_version,
+     scaler?, ema?}
+
+Writes go to a temp file in the target directory, are fsynced, then ``os.replace``d onto the target:
+a crash leaves either the old file or the new one, never a truncated one. ``CheckpointManager`` keeps
+``last.pt``, ``best.pt`` and optionally the last k ``checkpoint-epochE-stepS.pt`` files, and resolves
+``--resume auto`` to the newest *valid* one, which is what torchrun ``--max-restarts`` needs.
+
+Only rank 0 should save (``distributed.is_primary()``); every rank may resolve and load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "FORMAT_VERSION", "REQUIRED_KEYS", "CheckpointError", "CheckpointManager", "build_payload", "capture_rng_state",
+    "check_resume_compatible", "clean_state_dict", "load_checkpoint", "load_model_state", "model_state_dict",
+    "restore_rng_state", "save_checkpoint", "unwrap_model",
+]
+
+_log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config", "split_sha256", "metrics",
+                 "format_version")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, foreign, or incompatible with this run (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model unwrapping: DDP adds ``module.``, torch.compile adds ``_orig_mod.`` (anywhere, when compiled per block).
+# ----------------------------------------------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the user model inside any DDP (``.module``) / torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """Strip a leading DDP ``module.`` and every ``_orig_mod.`` segment from the keys.
+
+    ``_orig_mod`` is torch.compile's reserved attribute, so removing it anywhere is safe and handles
+    per-block compilation (``blocks.0._orig_mod.conv.weight``). ``module.`` is only stripped as a prefix,
+    because a submodule may legitimately be called ``module``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key.replace("_orig_mod.", "")] = value
+    return out
+
+
+def model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Clean (wrapper-free) state dict of a possibly DDP-wrapped / compiled model."""
+    return clean_state_dict(unwrap_model(model).state_dict())
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """Load a clean or wrapped state dict into a clean or wrapped model (keys are matched after cleaning).
+
+    Returns ``load_state_dict``'s ``(missing_keys, unexpected_keys)`` result.
+    """
+    target = unwrap_model(model)
+    # Map clean names back to the target's own names, which may still hold per-block ``_orig_mod.``.
+    names = list(target.state_dict())
+    own = dict(zip(clean_state_dict(dict.fromkeys(names)), names))
+    renamed = {own.get(k, k): v for k, v in clean_state_dict(state_dict).items()}
+    return target.load_state_dict(renamed, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state as tensors / ints / lists, so that weights_only=True can load it.
+# ----------------------------------------------------------------------------------------------------------------
+def capture_rng_state() -> Dict[str, Any]:
+    """Snapshot python ``random``, numpy's global RNG, torch CPU and every CUDA generator of this process.
+
+    Returns a dict of tensors / ints / floats / lists: python's 625-word Mersenne state and numpy's
+    ``uint32[624]`` key become int64 tensors (pickled numpy arrays are refused by weights_only loads).
+    Under DDP gather one per rank (``distributed.all_gather_object``) and store the list.
+    """
+    py_version, py_words, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "python": {"version": int(py_version), "state": torch.tensor(py_words, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+        "numpy": {"bit_generator": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: Union[Dict[str, Any], Sequence[Dict[str, Any]]], rank: int = 0) -> bool:
+    """Restore a ``capture_rng_state()`` snapshot, or entry ``rank`` of a per-rank list of them.
+
+    Returns False (and restores nothing) when a per-rank list has no entry for ``rank``, e.g. after
+    resuming on more processes; the caller should then re-seed (``distributed.seed_everything``).
+    """
+    if isinstance(state, (list, tuple)):
+        if rank >= len(state):
+            return False
+        state = state[rank]
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        # A different GPU count on resume: restore the generators both runs have.
+        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Payload, atomic save, validated load
+# ----------------------------------------------------------------------------------------------------------------
+def build_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, step: int,
+                  config: Mapping[str, Any], split_sha256: str = "", metrics: Optional[Mapping[str, Any]] = None,
+                  rng: Any = None, scaler: Any = None, ema: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Assemble the standard payload.
+
+    Args:
+        model: possibly DDP-wrapped / compiled; its clean state dict is saved.
+        scheduler: an LR scheduler (``.state_dict()``) or None.
+        epoch: index of the epoch just finished (train.py resumes at ``epoch + 1``); the manager only
+            uses (epoch, step) to name kept files and to order fallbacks.
+        step: optimizer steps completed.
+        config: the resolved run config as plain types (``TrainConfig.to_dict()``).
+        rng: defaults to ``capture_rng_state()`` of this process; pass a per-rank list under DDP.
+        scaler / ema: optional fp16 GradScaler and EMA model, saved under ``scaler`` / ``ema``.
+    """
+    payload = {
+        "model": model_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "rng": capture_rng_state() if rng is None else rng,
+        "config": dict(config),
+        "split_sha256": str(split_sha256),
+        "metrics": dict(metrics or {}),
+        "format_version": FORMAT_VERSION,
+    }
+    if scaler is not None:
+        payload["scaler"] = scaler.state_dict()
+    if ema is not None:
+        payload["ema"] = model_state_dict(ema)
+    return payload
+
+
+# Types torch's weights_only unpickler accepts without extra allow-listing.
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype,
+                 torch.device)
+
+
+def _check_plain(obj: Any, where: str = "payload") -> None:
+    """Raise TypeError naming the first value a weights_only load would refuse (numpy, Path, dataclass...)."""
+    if type(obj) in (dict, OrderedDict):  # subclasses such as defaultdict are refused
+        for k, v in obj.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):  # namedtuples are not plain
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN_LEAVES) or isinstance(obj, np.generic):
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load("
+                        f"weights_only=True) refuses; convert it to plain python types or tensors")
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename itself durable (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: str) -> str:
+    # Hidden, unique, same directory (os.replace must not cross filesystems); never matches a checkpoint name.
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Call ``write(fileobj)`` on a temp file, fsync it, and ``os.replace`` it onto ``path``."""
+    tmp = _tmp_path(path)
+    try:
+        # os.open with 0o666 honours the umask (mkstemp would force 0600, unreadable by teammates).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> None:
+    """Atomically write ``payload`` to ``path`` (temp file + fsync + ``os.replace``).
+
+    Raises TypeError before writing anything when a key is missing or a value would not load with
+    ``weights_only=True``: better to fail now than at resume time.
+    """
+    path = os.fspath(path)
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise TypeError(f"checkpoint payload for {path} lacks keys {missing}")
+    _check_plain(dict(payload))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(dict(payload), f))
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: reason`` on one line; torch's multi-paragraph weights_only errors are cut to their reason."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    text = " ".join(text.split()).split(". ")[0]  # first sentence, whitespace collapsed
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load and validate a checkpoint with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated/corrupted, holds non-plain objects, is not an
+            imta_fast checkpoint, or was written by a newer format. The message is one line naming the path.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; checking the header first gives a clearer error than the unpickler.
+    if not magic:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{path} is not a torch zip checkpoint (bad header {magic!r}: corrupted or foreign)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF/weights_only errors all mean "unusable file"
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupted, truncated or unsafe): {_one_line(exc)}") \
+            from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not an imta_fast checkpoint (holds a {type(payload).__name__}, not a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not an imta_fast checkpoint (missing keys: {', '.join(missing)})")
+    version = payload["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version={version!r}; this imta_fast reads <= {FORMAT_VERSION}")
+    return payload
+
+
+_MISSING = object()
+
+
+def _normalize(value: Any) -> Any:
+    # YAML and our own dict round trips turn tuples into lists; that is not a real config change.
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalize(v) for k, v in value.items()}
+    return value
+
+
+def check_resume_compatible(saved_config: Mapping[str, Any], current_config: Mapping[str, Any],
+                            keys: Sequence[str]) -> None:
+    """Raise CheckpointError listing every key in ``keys`` whose value differs between the two configs.
+
+    Example message: ``cannot resume: checkpoint was trained with model='msdnet_tiny', this run has
+    model='msdnet_mnist'; checkpoint was trained with num_classes=10, this run has num_classes=100``.
+    """
+    def show(key: str, value: Any) -> str:
+        return f"{key}=<missing>" if value is _MISSING else f"{key}={value!r}"
+
+    diffs = []
+    for key in keys:
+        old, new = saved_config.get(key, _MISSING), current_config.get(key, _MISSING)
+        if (old is _MISSING) != (new is _MISSING) or _normalize(old) != _normalize(new):
+            diffs.append(f"checkpoint was trained with {show(key, old)}, this run has {show(key, new)}")
+    if diffs:
+        raise CheckpointError("cannot resume: " + "; ".join(diffs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run-directory manager: last.pt, best.pt, last k, --resume auto
+# ----------------------------------------------------------------------------------------------------------------
+_KEEP_RE = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)\.pt$")
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+    """Atomically make ``dst`` a byte copy of ``src``.
+
+    A copy, not a hardlink: a link shares the inode, so anything that damages ``last.pt`` in place would
+    damage ``best.pt`` too and leave ``--resume auto`` nothing to fall back to.
+    """
+    with open(src, "rb") as fsrc:
+        _atomic_write(dst, lambda f: shutil.copyfileobj(fsrc, f, 16 << 20))
+
+
+class CheckpointManager:
+    """Owns the checkpoints of one run directory.
+
+    Files: ``last.pt`` (every save), ``best.pt`` (when ``is_best``) and, with ``keep_last=k > 0``, the k
+    newest ``checkpoint-epoch{E:04d}-step{S:09d}.pt``. best/kept files are independent copies of last.pt,
+    so each is a real fallback when another is damaged.
+
+    Args:
+        output_dir: run directory (created).
+        keep_last: how many per-epoch checkpoints to keep besides last/best (0 = none).
+    """
+
+    def __init__(self, output_dir: PathLike, keep_last: int = 0):
+        self.output_dir = os.fspath(output_dir)
+        self.keep_last = int(keep_last)
+        os.makedirs(self.output_dir, exist_ok=True)
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.output_dir, "last.pt")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.output_dir, "best.pt")
+
+    def _kept(self, directory: Optional[str] = None) -> List[Tuple[Tuple[int, int], str]]:
+        """Kept per-epoch checkpoints as ``((epoch, step), path)``, newest first."""
+        directory = directory or self.output_dir
+        found = []
+        for name in os.listdir(directory):
+            m = _KEEP_RE.match(name)
+            if m:
+                found.append(((int(m.group(1)), int(m.group(2))), os.path.join(directory, name)))
+        return sorted(found, reverse=True)
+
+    def save(self, payload: Mapping[str, Any], is_best: bool = False) -> str:
+        """Write ``last.pt`` atomically, then copy it to ``best.pt`` / a kept file; prune old kept ones.
+
+        Call on rank 0 only. Returns the path of ``last.pt``.
+        """
+        save_checkpoint(self.last_path, payload)
+        if is_best:
+            _atomic_copy(self.last_path, self.best_path)
+        if self.keep_last > 0:
+            name = f"checkpoint-epoch{int(payload['epoch']):04d}-step{int(payload['step']):09d}.pt"
+            _atomic_copy(self.last_path, os.path.join(self.output_dir, name))
+            for _, old in self._kept()[self.keep_last:]:
+                os.remove(old)
+        return self.last_path
+
+    def resolve_resume(self, resume: Optional[str]) -> Optional[str]:
+        """Turn a ``--resume`` value into a checkpoint path, or None for a fresh start.
+
+        Args:
+            resume: None/'' (fresh start), a file path (must exist), a run directory or 'auto' (this
+                manager's directory): the newest *valid* checkpoint there — ``last.pt`` when it loads, otherwise
+                the valid kept/best file with the largest (epoch, step).
+
+        Raises:
+            CheckpointError: an explicit file is missing, or checkpoints exist but none is valid (silently
+                starting over would overwrite a run's progress; delete them or drop ``--resume``).
+        """
+        if not resume:
+            return None
+        if resume != "auto" and not os.path.isdir(resume):
+            if not os.path.isfile(resume):
+                raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+            return resume
+        directory = self.output_dir if resume == "auto" else resume
+        if not os.path.isdir(directory):
+            return None
+        last = os.path.join(directory, "last.pt")
+        if os.path.isfile(last):
+            try:
+                load_checkpoint(last)
+                return last
+            except CheckpointError as exc:
+                errors = [str(exc)]
+        else:
+            errors = []
+        others = [p for _, p in self._kept(directory)] + [os.path.join(directory, "best.pt")]
+        valid = []
+        for path in filter(os.path.isfile, others):
+            try:
+                payload = load_checkpoint(path)
+                valid.append(((payload["epoch"], payload["step"]), path))
+            except CheckpointError as exc:
+                errors.append(str(exc))
+        if not valid and not errors:
+            return None
+        if not valid:
+            raise CheckpointError(f"--resume {resume}: no valid checkpoint in {directory} ({'; '.join(errors)})")
+        best_key, path = max(valid)
+        if errors:
+            _log.warning("resume: skipped unusable checkpoint(s) [%s]; using %s (epoch %d, step %d)",
+                         "; ".join(errors), path, *best_key)
+        return path
