@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Evaluate one or more training runs: anytime accuracy per exit, budgeted (dynamic) accuracy vs
+expected MACs, and (``--mode wallclock``) real early exit timed on the device.
+
+    python eval.py runs/ce runs/imta --labels MSDNet IMTA --output runs/compare
+
+Thresholds are fitted on each run's hold-out split (``split.json`` in the run dir) and applied to
+the test split.  Writes ``anytime.csv``, ``budgeted.csv``, ``summary.json`` and PNG plots, with
+all runs overlaid.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from imta_fast.checkpoint import CheckpointError, load_checkpoint
+from imta_fast.data import DataError, build_data, build_eval_loader
+from imta_fast.distributed import DistInfo, init_distributed
+from imta_fast.early_exit import anytime_accuracy, budgeted_evaluation
+from imta_fast.engine import build_model, predict
+from imta_fast.flops import count_exit_costs
+from imta_fast.plotting import plot_anytime, plot_budgeted
+
+log = logging.getLogger("imta_fast")
+
+
+@dataclass
+class RunResult:
+    label: str
+    run_dir: str
+    macs_m: List[float]
+    params_m: List[float]
+    top1: List[float]
+    top5: List[float]
+    budgeted: List[dict]
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_run(run_dir: str, which: str, device: torch.device):
+    """(model in eval mode, checkpoint path, saved config, model kwargs) of a run directory."""
+    path = Path(run_dir) / f"{which}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no {which}.pt in {run_dir}: is it a train.py --output directory?")
+    payload = load_checkpoint(str(path))
+    config, kwargs = payload["config"], payload["model_kwargs"]
+    model = build_model(config, kwargs["num_classes"], kwargs["in_channels"])
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), str(path), config, kwargs
+
+
+def run_logits(model, config: dict, run_dir: str, ckpt_path: str, args, dist: DistInfo):
+    """Hold-out and test logits [K, N, C], cached in the run dir under the checkpoint's hash."""
+    holdout_transform = args.holdout_transform or config["holdout_transform"]
+    cache = Path(run_dir) / f"logits_{file_sha256(ckpt_path)[:16]}_{holdout_transform}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    data = build_data(config["dataset"], args.data_dir or config["data_dir"], split_path=str(Path(run_dir) / "split.json"),
+                      holdout_size=config["holdout_size"], holdout_transform=holdout_transform, seed=config["seed"])
+    result = {}
+    for split, dataset in (("holdout", data.holdout), ("test", data.test)):
+        loader = build_eval_loader(dataset, args.batch_size, args.workers, dist)
+        result[f"{split}_logits"], result[f"{split}_labels"] = predict(model, loader, dist.device, args.amp, "bfloat16",
+                                                                        False, progress=sys.stderr.isatty(), desc=split)
+    result["image_shape"] = torch.tensor([data.info.in_channels, data.info.image_size, data.info.image_size])
+    torch.save(result, cache)
+    return result
+
+
+def evaluate_run(run_dir: str, label: str, args, dist: DistInfo) -> RunResult:
+    model, ckpt_path, config, _ = load_run(run_dir, args.checkpoint, dist.device)
+    out = run_logits(model, config, run_dir, ckpt_path, args, dist)
+    costs = count_exit_costs(model, tuple(out["image_shape"].tolist()))
+    acc = anytime_accuracy(out["test_logits"], out["test_labels"], topk=(1, 5))
+    rows = budgeted_evaluation(out["holdout_logits"], out["holdout_labels"], out["test_logits"], out["test_labels"],
+                               costs.macs_m, points=args.budget_points)
+    return RunResult(label, run_dir, costs.macs_m, costs.params_m, acc[1], acc[5], [r.to_dict() for r in rows])
+
+
+def write_outputs(results: Sequence[RunResult], output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "anytime.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "exit", "cumulative_mmacs", "cumulative_mparams", "top1", "top5"])
+        for r in results:
+            for k in range(len(r.top1)):
+                w.writerow([r.label, k + 1, f"{r.macs_m[k]:.4f}", f"{r.params_m[k]:.4f}", f"{r.top1[k]:.2f}", f"{r.top5[k]:.2f}"])
+    with open(output / "budgeted.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "q", "expected_mmacs", "test_top1", "holdout_top1", "exit_fractions", "thresholds"])
+        for r in results:
+            for row in r.budgeted:
+                w.writerow([r.label, f"{row['q']:.2f}", f"{row['expected_macs']:.4f}", f"{row['test_accuracy']:.2f}",
+                            f"{row['fit_accuracy']:.2f}", " ".join(f"{x:.4f}" for x in row["exit_fractions"]),
+                            " ".join(f"{x:.6g}" for x in row["thresholds"])])
+    with open(output / "summary.json", "w") as f:
+        json.dump([r.__dict__ for r in results], f, indent=1)
+    plot_anytime({r.label: (r.macs_m, r.top1) for r in results}, str(output / "anytime.png"))
+    plot_budgeted({r.label: ([row["expected_macs"] for row in r.budgeted], [row["test_accuracy"] for row in r.budgeted])
+                   for r in results}, str(output / "budgeted.png"))
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    """Per-exit test top-1, runs side by side."""
+    head = f"{'exit':>4} {'MMACs':>9} " + " ".join(f"{r.label[:14]:>14}" for r in results)
+    lines = [head, "-" * len(head)]
+    for k in range(len(results[0].top1)):
+        lines.append(f"{k + 1:>4} {results[0].macs_m[k]:>9.2f} " + " ".join(f"{r.top1[k]:>14.2f}" for r in results))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="train.py --output directories")
+    p.add_argument("--labels", nargs="+", help="legend labels, one per run (default: directory names)")
+    p.add_argument("--output", default=None, help="where CSV/JSON/PNG go (default: the single run's dir, else ./eval)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--data-dir", help="override the dataset root saved in the run")
+    p.add_argument("--holdout-transform", choices=["train", "eval"], help="override the run's hold-out augmentation")
+    p.add_argument("--budget-points", type=int, default=40, help="q = p/20 for p = 1..N (IMTA 40, MSDNet 39)")
+    p.add_argument("-b", "--batch-size", type=int, default=256)
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        print(f"error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        dist = init_distributed(args.device)
+        results = [evaluate_run(r, lab, args, dist) for r, lab in zip(args.runs, labels)]
+    except (CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    output = Path(args.output or (args.runs[0] if len(args.runs) == 1 else "eval"))
+    write_outputs(results, output)
+    print(format_table(results))
+    print(f"wrote {output}/anytime.csv, budgeted.csv, summary.json, anytime.png, budgeted.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Training engine: model construction per method, optimiser/schedule, one epoch, evaluation.
+
+Each fast path is a named, separate step (``apply_channels_last``, ``apply_compile``,
+``apply_ddp``) so that ``train.py`` reads top to bottom.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from imta_fast.checkpoint import CheckpointError, load_checkpoint
+from imta_fast.distributed import DistInfo, all_gather_cat, all_reduce_sum
+from imta_fast.functional import multi_exit_loss
+from imta_fast.models import create_imta_model, create_model
+
+__all__ = ["build_model", "build_optimizer", "build_lr_schedule", "train_one_epoch", "predict", "autocast_context",
+           "NonFiniteLossError", "EpochStats"]
+
+log = logging.getLogger("imta_fast")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the global step."""
+
+
+# ----------------------------------------------------------------------------- construction
+def build_model(config: Dict, num_classes: int, in_channels: int, teacher_state: Optional[Dict] = None) -> nn.Module:
+    """The network a run trains or evaluates, from its (saved) config dict.
+
+    ``ce`` -> MSDNet; ``ge`` -> MSDNet with Gradient Equilibrium; ``imta`` -> IMTA heads on a GE
+    backbone (the reference wraps msdnet_ge, so GE stays on; it has no effect on a frozen backbone).
+    ``teacher_state`` is the stage-1 model state dict, loaded into the backbone for ``imta``.
+    """
+    method = config["method"]
+    backbone = create_model(config["model"], gradient_equilibrium=method in ("ge", "imta"),
+                            num_classes=num_classes, in_channels=in_channels)
+    if method != "imta":
+        return backbone
+    if teacher_state is not None:
+        backbone.load_state_dict(teacher_state)
+    return create_imta_model(backbone, isc_detach=config["isc_detach"], backbone_bn=config["backbone_bn"])
+
+
+def load_teacher_state(path: str, config: Dict) -> Dict:
+    """Stage-1 weights for stage 2; refuses a checkpoint of another model/dataset."""
+    payload = load_checkpoint(path)
+    saved = payload["config"]
+    for key in ("model", "dataset"):
+        if saved.get(key) != config[key]:
+            raise CheckpointError(f"--teacher {path}: it was trained with {key}={saved.get(key)!r}, "
+                                  f"this run has {key}={config[key]!r}")
+    if saved.get("method") == "imta":
+        raise CheckpointError(f"--teacher {path}: is a stage-2 (imta) checkpoint; pass the stage-1 (ge) one")
+    if saved.get("method") != "ge":
+        log.warning("--teacher %s was trained with method=%s, not ge (IMTA's stage 1)", path, saved.get("method"))
+    return payload["model"]
+
+
+def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """SGD on every trainable parameter (BN and biases decay too, as in the reference).
+
+    Uses torch's fused kernel on CUDA (apex's FusedSGD successor) and the foreach path elsewhere.
+    """
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov, **impl)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int,
+                      milestones: Tuple[int, ...], decay: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration. 'step': constant within an epoch, x``decay`` at each milestone
+    epoch (the reference's adjust_learning_rate); 'cosine': 0.5*(1+cos(pi*t/T)) per iteration."""
+    total = max(1, epochs * steps_per_epoch)
+
+    def factor(it: int) -> float:
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+        epoch = it // max(1, steps_per_epoch)
+        return decay ** sum(epoch >= m for m in milestones)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_context(device: torch.device, enabled: bool, dtype: str):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def apply_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if enabled else model
+
+
+def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """Whole-model compile; MSDNet and IMTA have no graph breaks (tested with fullgraph=True)."""
+    return torch.compile(model) if enabled else model
+
+
+def apply_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    if not dist_info.is_distributed:
+        return model
+    ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# ----------------------------------------------------------------------------- one epoch
+@dataclass
+class EpochStats:
+    loss: float
+    top1: List[float]  # per exit, on the training batches (running model)
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def compute_loss(outputs, target: torch.Tensor, method: str, temperature: float, gamma: float, kl_reduction: str,
+                 loss_impl: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Model outputs -> (scalar loss, per-exit logits). ce/ge: sum of per-exit CE; imta: OFA (spec §4)."""
+    logits, extra = outputs
+    if method == "imta":
+        loss = multi_exit_loss(logits, target, teacher=extra, temperature=temperature, kd_weight=gamma,
+                               kl_reduction=kl_reduction, impl=loss_impl)
+    else:
+        loss = multi_exit_loss(logits, target, impl=loss_impl)
+    return loss, logits
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Callable, device: torch.device,
+                    epoch: int, start_step: int, amp: bool, amp_dtype: str, channels_last: bool,
+                    max_steps: int = 0, log_interval: int = 50, progress: bool = False) -> Tuple[EpochStats, int]:
+    """One pass over ``loader``. Returns (stats, global step after the epoch).
+
+    Non-finite losses are detected on the device (no per-step host sync) and checked every
+    ``log_interval`` steps and at the end; the error names the first bad global step.
+    """
+    model.train()
+    n_steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct: Optional[torch.Tensor] = None
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    images, step, t0 = 0, start_step, time.perf_counter()
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(loader):
+        if i >= n_steps:
+            break
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp, amp_dtype):
+            loss, logits = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            loss_sum += loss.detach().double() * y.numel()
+            hits = torch.stack([(z.argmax(1) == y).sum() for z in logits])
+            correct = hits if correct is None else correct + hits
+        images += y.numel()
+        step += 1
+        bar.update(1)
+        if (i + 1) % log_interval == 0 or i + 1 == n_steps:
+            if int(first_bad) >= 0:
+                bar.close()
+                raise NonFiniteLossError(f"non-finite loss at global step {int(first_bad)} (epoch {epoch}); "
+                                         f"stopping, the last good checkpoint is kept")
+            bar.set_postfix(loss=f"{float(loss_sum) / images:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
+    bar.close()
+    totals = all_reduce_sum(torch.cat([loss_sum.float().view(1), correct.float(), torch.tensor([float(images)], device=device)]))
+    n = float(totals[-1])
+    stats = EpochStats(loss=float(totals[0]) / n, top1=[100.0 * float(c) / n for c in totals[1:-1]],
+                       images=int(n), seconds=time.perf_counter() - t0)
+    return stats, step
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, amp: bool = False, amp_dtype: str = "bfloat16",
+            channels_last: bool = False, progress: bool = False, desc: str = "eval") -> Tuple[torch.Tensor, torch.Tensor]:
+    """All exits' logits on a loader: ``([K, N, C] float32 on CPU, labels [N])``, gathered over ranks."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp, amp_dtype):
+            logits, _ = model(x)
+        all_logits.append(torch.stack([z.float() for z in logits], dim=1))  # [B, K, C]
+        all_labels.append(y.to(device))
+    logits = all_gather_cat(torch.cat(all_logits)).transpose(0, 1).contiguous()
+    labels = all_gather_cat(torch.cat(all_labels))
+    return logits.cpu(), labels.cpu()
+
+
+def per_exit_top1(logits: torch.Tensor, labels: torch.Tensor) -> List[float]:
+    """``logits`` [K, N, C] -> top-1 (%) per exit."""
+    return (logits.argmax(-1) == labels.unsqueeze(0)).float().mean(1).mul(100).tolist()

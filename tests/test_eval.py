@@ -1,0 +1,52 @@
+"""eval.py: anytime + budgeted outputs for several runs, cache keyed on the checkpoint, errors."""
+import csv
+import json
+
+import pytest
+
+import eval as evaluate
+import train
+
+FAST = ["--dataset", "digits", "--holdout-size", "64", "--batch-size", "16", "--max-steps-per-epoch", "4",
+        "--no-progress", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert train.main(FAST + ["--method", "ge", "--output", str(root / "ge")]) == 0
+    assert train.main(FAST + ["--method", "imta", "--teacher", str(root / "ge" / "best.pt"), "--output", str(root / "imta")]) == 0
+    return root
+
+
+def test_two_runs_overlaid(runs, capsys):
+    out = runs / "cmp"
+    assert evaluate.main([str(runs / "ge"), str(runs / "imta"), "--labels", "GE", "IMTA", "--output", str(out),
+                          "--budget-points", "10"]) == 0
+    table = capsys.readouterr().out
+    assert "GE" in table and "IMTA" in table
+    anytime = list(csv.DictReader(open(out / "anytime.csv")))
+    assert [r["run"] for r in anytime] == ["GE"] * 4 + ["IMTA"] * 4
+    budget = list(csv.DictReader(open(out / "budgeted.csv")))
+    assert len(budget) == 2 * 10
+    macs = [float(r["expected_mmacs"]) for r in budget if r["run"] == "GE"]
+    assert min(macs) >= float(anytime[0]["cumulative_mmacs"]) - 1e-6
+    assert max(macs) <= float(anytime[3]["cumulative_mmacs"]) + 1e-6
+    summary = json.load(open(out / "summary.json"))
+    assert {s["label"] for s in summary} == {"GE", "IMTA"}
+    for png in ("anytime.png", "budgeted.png"):
+        assert (out / png).stat().st_size > 10_000
+
+
+def test_logits_cache_is_keyed_on_checkpoint(runs):
+    before = set(p.name for p in (runs / "ge").glob("logits_*.pt"))
+    assert evaluate.main([str(runs / "ge"), "--budget-points", "4"]) == 0
+    assert evaluate.main([str(runs / "ge"), "--budget-points", "4", "--checkpoint", "last"]) == 0
+    after = set(p.name for p in (runs / "ge").glob("logits_*.pt"))
+    assert len(after) >= len(before) and len(after) >= 1
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+    assert evaluate.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and str(tmp_path) in err

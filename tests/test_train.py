@@ -1,0 +1,149 @@
+"""train.py end to end on the embedded digits data (CPU): resume equality, DDP, errors, NaN stop."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from imta_fast.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small but real: digits (1,497 training images), 3 steps of 16 images per epoch.
+FAST = ["--dataset", "digits", "--holdout-size", "64", "--batch-size", "16", "--max-steps-per-epoch", "3",
+        "--no-progress", "--log-interval", "1", "--lr", "0.05"]
+
+
+def run(out, *extra):
+    return train.main(FAST + ["--output", str(out), *extra])
+
+
+def weights(path):
+    return load_checkpoint(str(path))["model"]
+
+
+def assert_same_weights(a, b):
+    sa, sb = weights(a), weights(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    assert run(tmp_path / "full", "--epochs", "3") == 0
+    real_epoch = train.train_one_epoch
+
+    def dies_in_epoch_2(*args, **kwargs):
+        if args[6] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", dies_in_epoch_2)
+    assert run(tmp_path / "cut", "--epochs", "3") == 130
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 1
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    assert run(tmp_path / "cut", "--epochs", "3", "--resume", "auto") == 0
+    assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "cut" / "last.pt")
+    rows = (tmp_path / "cut" / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per epoch, none duplicated
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto(tmp_path):
+    """A real kill -9 while training; --resume auto finishes with the uninterrupted weights."""
+    args = [sys.executable, "train.py", *FAST, "--epochs", "4", "--max-steps-per-epoch", "12"]
+    subprocess.run(args + ["--output", str(tmp_path / "full")], cwd=ROOT, check=True, capture_output=True)
+    proc = subprocess.Popen(args + ["--output", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "cut" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args + ["--output", str(tmp_path / "cut"), "--resume", "auto"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_same_weights(tmp_path / "full" / "last.pt", last)
+
+
+def test_imta_stage_two_trains_only_new_heads(tmp_path):
+    assert run(tmp_path / "ge", "--epochs", "1", "--method", "ge") == 0
+    assert run(tmp_path / "imta", "--epochs", "1", "--method", "imta", "--teacher", str(tmp_path / "ge" / "last.pt"),
+               "--kl-reduction", "batchmean", "--isc-detach", "--backbone-bn", "eval") == 0
+    ge, imta = weights(tmp_path / "ge" / "last.pt"), weights(tmp_path / "imta" / "last.pt")
+    for k, v in ge.items():  # frozen backbone, BN statistics included with --backbone-bn eval
+        assert torch.equal(imta[f"backbone.{k}"], v), k
+    assert any(k.startswith("isc.") for k in imta)
+    assert (tmp_path / "imta" / "split.json").read_text() == (tmp_path / "ge" / "split.json").read_text()
+
+
+def one_line_error(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--method", "imta"], "--teacher"),
+    (["--method", "imta", "--teacher", "/nonexistent/ge.pt"], "/nonexistent/ge.pt"),
+    (["--epochs", "0"], "--epochs"),
+])
+def test_bad_input_is_one_line_error(tmp_path, capsys, extra, needle):
+    rc = train.main(FAST + ["--output", str(tmp_path / "r"), *extra])
+    assert needle in one_line_error(capsys, rc)
+
+
+def test_wrong_imagenet_layout_is_named(tmp_path, capsys):
+    (tmp_path / "imnet" / "images").mkdir(parents=True)
+    rc = train.main(FAST + ["--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--output", str(tmp_path / "r")])
+    assert "train" in one_line_error(capsys, rc)
+
+
+def test_resume_with_other_config_is_refused(tmp_path, capsys):
+    assert run(tmp_path / "r", "--epochs", "1") == 0
+    capsys.readouterr()
+    rc = run(tmp_path / "r", "--epochs", "2", "--method", "ge", "--resume", "auto")
+    line = one_line_error(capsys, rc)
+    assert "method" in line and "'ce'" in line and "'ge'" in line
+
+
+def test_teacher_of_another_model_is_refused(tmp_path, capsys):
+    assert run(tmp_path / "ge", "--epochs", "1", "--method", "ge") == 0
+    capsys.readouterr()
+    rc = run(tmp_path / "imta", "--epochs", "1", "--method", "imta", "--teacher", str(tmp_path / "ge" / "last.pt"),
+             "--model", "msdnet_tiny")
+    assert "model" in one_line_error(capsys, rc)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path / "r", "--epochs", "1") == 0
+    good = weights(tmp_path / "r" / "last.pt")
+    capsys.readouterr()
+    real_loss = train.compute_loss
+    monkeypatch.setattr(train, "compute_loss", lambda *a: (lambda l, z: (l * float("nan"), z))(*real_loss(*a)))
+    rc = run(tmp_path / "r", "--epochs", "2", "--resume", "auto")
+    assert "non-finite loss at global step 3 " in one_line_error(capsys, rc)
+    after = load_checkpoint(str(tmp_path / "r" / "last.pt"))
+    assert after["epoch"] == 0 and all(torch.equal(after["model"][k], v) for k, v in good.items())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *FAST,
+           "--epochs", "2", "--device", "cpu", "--output", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
+    assert payload["epoch"] == 1 and len(payload["rng"]) == 2  # one RNG state per rank
+    rows = (tmp_path / "ddp" / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 3
+    # 2 ranks x 3 steps x 16 images per epoch, counted across ranks.
+    assert payload["step"] == 6
