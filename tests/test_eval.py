@@ -50,3 +50,20 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err and str(tmp_path) in err
+
+
+def test_wallclock_mode_really_exits_and_matches_simulation(runs, capsys):
+    out = runs / "wall"
+    assert evaluate.main([str(runs / "ge"), "--mode", "wallclock", "--wallclock-points", "2", "--repeats", "1",
+                          "--budget-points", "8", "--latency-budget", "1.0", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "clock x" in printed and "latency budget" in printed
+    rows = list(csv.DictReader(open(out / "wallclock.csv")))
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["parity_with_simulated"]) == 1.0  # CPU fp32: exits identical to the simulated protocol
+        assert float(r["ms_per_image"]) > 0 and float(r["flops_speedup"]) >= 1.0
+    budget = {f"{float(r['q']):.2f}": float(r["test_top1"]) for r in csv.DictReader(open(out / "budgeted.csv"))}
+    for r in rows:  # real early exit gives the simulated accuracy
+        assert float(r["test_top1"]) == pytest.approx(budget[r["q"]])
+    assert (out / "wallclock.png").stat().st_size > 10_000
