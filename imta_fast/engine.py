@@ -42,6 +42,7 @@ def build_model(config: Dict, num_classes: int, in_channels: int, teacher_state:
     method = config["method"]
     backbone = create_model(config["model"], gradient_equilibrium=method in ("ge", "imta"),
                             num_classes=num_classes, in_channels=in_channels)
+    backbone.ge_impl = config.get("loss_impl", "auto")  # one flag for both fused kernels
     if method != "imta":
         return backbone
     if teacher_state is not None:

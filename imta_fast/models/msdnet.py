@@ -24,7 +24,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from imta_fast.gradient_equilibrium import gradient_equilibrium_split
+from imta_fast.functional import gradient_equilibrium_split
 
 __all__ = ["MSDNetConfig", "MSDNet", "ClassifierHead", "layer_plan"]
 
@@ -252,6 +252,7 @@ class MSDNet(nn.Module):
     Args:
         cfg: architecture (see :class:`MSDNetConfig` and the named configs in ``imta_fast.models``).
         gradient_equilibrium: apply IMTA's GE gradient rescaling on the coarsest scale (spec §2).
+        ge_impl: 'auto' (fused Triton backward on CUDA), 'torch' (reference) or 'triton'.
 
     Shape:
         input ``[B, in_channels, H, W]``; ``forward`` returns ``(logits, features)``, two lists of
@@ -265,10 +266,11 @@ class MSDNet(nn.Module):
         (3, torch.Size([2, 10]))
     """
 
-    def __init__(self, cfg: MSDNetConfig, gradient_equilibrium: bool = False):
+    def __init__(self, cfg: MSDNetConfig, gradient_equilibrium: bool = False, ge_impl: str = "auto"):
         super().__init__()
         self.cfg = cfg
         self.gradient_equilibrium = gradient_equilibrium
+        self.ge_impl = ge_impl
         self.stem = Stem(cfg)
         self.blocks = nn.ModuleList()
         self.heads = nn.ModuleList()
@@ -309,7 +311,8 @@ class MSDNet(nn.Module):
         remaining = self.num_exits - k
         if self.gradient_equilibrium and remaining > 1:
             # The last block (remaining == 1) has scale 1 on its head and nothing after it: no op.
-            head_in, xs[-1] = gradient_equilibrium_split(head_in, 1.0 / remaining, (remaining - 1) / remaining)
+            head_in, xs[-1] = gradient_equilibrium_split(head_in, 1.0 / remaining, (remaining - 1) / remaining,
+                                                                 impl=self.ge_impl)
         return xs, head_in
 
     def forward_stage(self, k: int, xs: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
