@@ -11,11 +11,11 @@ copy in forward).  This is the plain-PyTorch reference; the fused Triton op in
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-__all__ = ["gradient_rescale", "gradient_equilibrium_split", "GradientEquilibriumSplit"]
+__all__ = ["gradient_rescale", "gradient_equilibrium_split", "split_backward", "GradientEquilibriumSplit"]
 
 
 class GradientRescale(torch.autograd.Function):
@@ -31,23 +31,35 @@ class GradientRescale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _axpby(g_head: torch.Tensor, g_next: torch.Tensor, s_head: float, s_next: float) -> torch.Tensor:
+    return torch.add(g_head * s_head, g_next, alpha=s_next)
+
+
+def split_backward(g_head: Optional[torch.Tensor], g_next: Optional[torch.Tensor], s_head: float, s_next: float,
+                   combine: Callable = _axpby) -> Optional[torch.Tensor]:
+    """``dL/dx`` of the split; an unused output's gradient arrives as None. ``combine`` does the
+    two-gradient case (the fused Triton op passes its own)."""
+    if g_head is None and g_next is None:
+        return None
+    if g_next is None:
+        return g_head * s_head
+    if g_head is None:
+        return g_next * s_next
+    return combine(g_head, g_next, s_head, s_next)
+
+
 class GradientEquilibriumSplit(torch.autograd.Function):
     """Two aliases of ``x``; backward forms ``s_head * g_head + s_next * g_next`` in one expression."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s_head: float, s_next: float) -> Tuple[torch.Tensor, torch.Tensor]:
         ctx.s_head, ctx.s_next = s_head, s_next
+        ctx.set_materialize_grads(False)  # an unused output arrives as None, not a zero tensor
         return x.view_as(x), x.view_as(x)
 
     @staticmethod
     def backward(ctx, g_head: Optional[torch.Tensor], g_next: Optional[torch.Tensor]):
-        if g_head is None and g_next is None:
-            return None, None, None
-        if g_next is None:
-            return g_head * ctx.s_head, None, None
-        if g_head is None:
-            return g_next * ctx.s_next, None, None
-        return torch.add(g_head * ctx.s_head, g_next, alpha=ctx.s_next), None, None
+        return split_backward(g_head, g_next, ctx.s_head, ctx.s_next), None, None
 
 
 def gradient_rescale(x: torch.Tensor, scale: float) -> torch.Tensor:

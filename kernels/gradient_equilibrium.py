@@ -20,35 +20,18 @@ so double backward, e.g. an L2W meta step, works).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from imta_fast.gradient_equilibrium import GradientEquilibriumSplit, split_backward
+from imta_fast.kernels._runtime import INTERPRET, USES_TRITON_OP, jit
+
 __all__ = ["gradient_equilibrium_split_triton", "ge_axpby", "block_size", "INTERPRET", "USES_TRITON_OP"]
 
-# Without a GPU the kernel runs in Triton's interpreter (CPU tests; also when TRITON_INTERPRET=1). It is
-# built as an interpreted function explicitly rather than through ``@triton.jit``, which reads
-# TRITON_INTERPRET when it runs, so the import order of a CPU test session does not matter (see
-# multi_exit_kd.py for the same scheme).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available()
-# triton_op + wrap_triton (torch >= 2.6) let inductor see the kernel; wrap_triton cannot trace an
-# interpreted kernel, so the interpreter (and older torch) registers an opaque custom_op instead.
-USES_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not INTERPRET
-
-
-def _jit(fn):
-    """``triton.jit``, or Triton's interpreter when there is no GPU."""
-    if INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(fn)
-    return triton.jit(fn)
-
-
-@_jit
+@jit
 def _axpby_kernel(a_ptr, b_ptr, out_ptr, n, alpha, beta, BLOCK: tl.constexpr):
     """out = alpha * a + beta * b over ``n`` elements of identically laid-out dense buffers."""
     pid = tl.program_id(0)
@@ -124,26 +107,18 @@ def _axpby_backward(ctx, grad: torch.Tensor):
 ge_axpby.register_autograd(_axpby_backward, setup_context=_axpby_setup)
 
 
-class _GradientEquilibriumSplit(torch.autograd.Function):
-    """Two views of ``x``; backward = ``s_head * g_head + s_next * g_next`` in one fused pass."""
+def _fused_axpby(g_head: torch.Tensor, g_next: torch.Tensor, s_head: float, s_next: float) -> torch.Tensor:
+    if not (g_head.is_cuda or INTERPRET):  # CPU without the interpreter: Triton cannot run
+        return torch.add(g_head * s_head, g_next, alpha=s_next)
+    return torch.ops.imta_fast.ge_axpby(g_head, g_next, s_head, s_next)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, s_head: float, s_next: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        ctx.s_head, ctx.s_next = s_head, s_next
-        ctx.set_materialize_grads(False)  # an unused output arrives as None, not a zero tensor
-        return x.view_as(x), x.view_as(x)
+
+class _GradientEquilibriumSplit(GradientEquilibriumSplit):
+    """The reference split (two views of ``x``) whose two-gradient backward is one fused pass."""
 
     @staticmethod
     def backward(ctx, g_head: Optional[torch.Tensor], g_next: Optional[torch.Tensor]):
-        if g_head is None and g_next is None:
-            return None, None, None
-        if g_next is None:
-            return g_head * ctx.s_head, None, None
-        if g_head is None:
-            return g_next * ctx.s_next, None, None
-        if not (g_head.is_cuda or INTERPRET):  # CPU without the interpreter: Triton cannot run
-            return torch.add(g_head * ctx.s_head, g_next, alpha=ctx.s_next), None, None
-        return torch.ops.imta_fast.ge_axpby(g_head, g_next, ctx.s_head, ctx.s_next), None, None
+        return split_backward(g_head, g_next, ctx.s_head, ctx.s_next, combine=_fused_axpby), None, None
 
 
 def gradient_equilibrium_split_triton(x: torch.Tensor, s_head: float, s_next: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -39,34 +39,15 @@ the kernel) when available and Triton runs on a GPU; in Triton's interpreter (no
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from imta_fast.kernels._runtime import INTERPRET, USES_TRITON_OP, jit
+
 __all__ = ["multi_exit_kd", "multi_exit_kd_forward", "block_sizes", "INTERPRET", "USES_TRITON_OP"]
-
-# Without a GPU the kernels run in Triton's interpreter (CPU tests; also when TRITON_INTERPRET=1).
-# They are built as interpreted functions explicitly rather than through ``@triton.jit``, which reads
-# TRITON_INTERPRET when it runs, so the import order of a CPU test session does not matter; for the same
-# reason the kernels call no jit helper of triton.language (tl.sum, tl.max, tl.zeros are themselves jit
-# functions whose mode was fixed when Triton was imported) but the builtins tl.reduce / tl.full.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available()
-# triton_op + wrap_triton (torch >= 2.6) let inductor see the kernel; wrap_triton cannot trace an
-# interpreted kernel, so the interpreter (and older torch) registers an opaque custom_op instead.
-USES_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not INTERPRET
-
-
-def _jit(fn):
-    """``triton.jit``, or Triton's interpreter when there is no GPU."""
-    if INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(fn)
-    return triton.jit(fn)
-
 
 # Finite stand-in for -inf on padded columns: exp() of it is 0 and 0 * it is 0 (no inf - inf = nan).
 _NEG = tl.constexpr(-1.0e30)
@@ -76,16 +57,16 @@ _SUM = getattr(tl.standard, "_sum_combine", None)
 _MAX = getattr(tl.standard, "_elementwise_max", None)
 if _SUM is None or _MAX is None:  # pragma: no cover - not in Triton 3.x
 
-    @_jit
+    @jit
     def _SUM(a, b):
         return a + b
 
-    @_jit
+    @jit
     def _MAX(a, b):
         return tl.maximum(a, b)
 
 
-@_jit
+@jit
 def _multi_exit_kd_kernel(
     z_ptr, stride_zk, stride_zb, stride_zc,  # student logits [K, B, C], any strides
     y_ptr, stride_y,  # target [B]
