@@ -40,6 +40,7 @@ log = logging.getLogger("imta_fast")
 class RunResult:
     label: str
     run_dir: str
+    dataset: str
     macs_m: List[float]
     params_m: List[float]
     top1: List[float]
@@ -94,7 +95,7 @@ def evaluate_run(run_dir: str, label: str, args, dist: DistInfo) -> RunResult:
     acc = anytime_accuracy(out["test_logits"], out["test_labels"], topk=(1, 5))
     rows = budgeted_evaluation(out["holdout_logits"], out["holdout_labels"], out["test_logits"], out["test_labels"],
                                costs.macs_m, points=args.budget_points)
-    result = RunResult(label, run_dir, costs.macs_m, costs.params_m, acc[1], acc[5], [r.to_dict() for r in rows])
+    result = RunResult(label, run_dir, config["dataset"], costs.macs_m, costs.params_m, acc[1], acc[5], [r.to_dict() for r in rows])
     if args.mode == "wallclock":
         wallclock_evaluation(result, model, config, run_dir, out, args, dist)
     return result
@@ -149,6 +150,7 @@ def wallclock_evaluation(result: RunResult, model, config: dict, run_dir: str, l
 
 def write_outputs(results: Sequence[RunResult], output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
+    dataset = ", ".join(sorted({r.dataset for r in results}))
     with open(output / "anytime.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "exit", "cumulative_mmacs", "cumulative_mparams", "top1", "top5"])
@@ -176,12 +178,12 @@ def write_outputs(results: Sequence[RunResult], output: Path) -> None:
         plot_wallclock({r.label: ([x["ms_per_image"] for x in r.wallclock], [x["test_top1"] for x in r.wallclock]) for r in results},
                        str(output / "wallclock.png"),
                        {r.label: ([x["expected_macs"] for x in r.budgeted], [x["test_accuracy"] for x in r.budgeted]) for r in results},
-                       device=device_name())
+                       dataset=dataset, device=device_name())
     with open(output / "summary.json", "w") as f:
         json.dump([r.__dict__ for r in results], f, indent=1)
-    plot_anytime({r.label: (r.macs_m, r.top1) for r in results}, str(output / "anytime.png"))
+    plot_anytime({r.label: (r.macs_m, r.top1) for r in results}, str(output / "anytime.png"), dataset=dataset)
     plot_budgeted({r.label: ([row["expected_macs"] for row in r.budgeted], [row["test_accuracy"] for row in r.budgeted])
-                   for r in results}, str(output / "budgeted.png"))
+                   for r in results}, str(output / "budgeted.png"), dataset=dataset)
 
 
 def device_name() -> str:
