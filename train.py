@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from imta_fast.checkpoint import CheckpointError, CheckpointManager, build_payload, capture_rng_state, \
     check_resume_compatible, load_checkpoint, restore_rng_state
@@ -94,7 +95,9 @@ def train(cfg: TrainConfig) -> dict:
     if summary is not None:
         summary.rewind(start_epoch)  # resuming from an older checkpoint re-runs (and re-logs) later epochs
     holdout_top1 = []
-    for epoch in range(start_epoch, cfg.epochs):
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", initial=start_epoch, total=cfg.epochs,
+                  disable=not progress, dynamic_ncols=True)
+    for epoch in epochs:
         train_sampler.set_epoch(epoch)
         stats, step = train_one_epoch(runner, train_loader, optimizer, scheduler, loss_fn, dist.device, epoch, step,
                                       cfg.amp, cfg.amp_dtype, cfg.channels_last, cfg.max_steps_per_epoch,
@@ -115,6 +118,7 @@ def train(cfg: TrainConfig) -> dict:
                    **{f"holdout_top1_exit{k + 1}": a for k, a in enumerate(holdout_top1)},
                    "images_per_s": stats.images_per_second, "epoch_s": stats.seconds}
             summary.write(row)
+        epochs.set_postfix(loss=f"{stats.loss:.4f}", holdout_top1=f"{holdout_top1[-1]:.2f}")
         log.info("epoch %d/%d  loss %.4f  hold-out top-1 per exit [%s]  %.0f img/s%s", epoch + 1, cfg.epochs, stats.loss,
                  " ".join(f"{a:.2f}" for a in holdout_top1), stats.images_per_second, "  *best" if is_best else "")
     return {"output": str(out), "epochs": cfg.epochs, "holdout_top1": holdout_top1, "best_holdout_top1": best}
