@@ -77,7 +77,8 @@ def run_logits(model, config: dict, run_dir: str, ckpt_path: str, args, dist: Di
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     data = build_data(config["dataset"], args.data_dir or config["data_dir"], split_path=str(Path(run_dir) / "split.json"),
-                      holdout_size=config["holdout_size"], holdout_transform=holdout_transform, seed=config["seed"])
+                      holdout_size=config["holdout_size"], holdout_transform=holdout_transform, seed=config["seed"],
+                      image_size=config.get("image_size"))
     result = {}
     for split, dataset in (("holdout", data.holdout), ("test", data.test)):
         loader = build_eval_loader(dataset, args.batch_size, args.workers, dist)
@@ -104,7 +105,8 @@ def evaluate_run(run_dir: str, label: str, args, dist: DistInfo) -> RunResult:
 def test_images(config: dict, run_dir: str, args) -> List[torch.Tensor]:
     """The test split as batches of images (labels come from the logits cache, in the same order)."""
     data = build_data(config["dataset"], args.data_dir or config["data_dir"], split_path=str(Path(run_dir) / "split.json"),
-                      holdout_size=config["holdout_size"], holdout_transform="eval", seed=config["seed"])
+                      holdout_size=config["holdout_size"], holdout_transform="eval", seed=config["seed"],
+                      image_size=config.get("image_size"))
     loader = torch.utils.data.DataLoader(data.test, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     return [x for x, _ in loader]
 

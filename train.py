@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from imta_fast.checkpoint import CheckpointError, CheckpointManager, build_payload, capture_rng_state, \
     check_resume_compatible, load_checkpoint, restore_rng_state
 from imta_fast.config import ConfigError, TrainConfig, parse_train_args
-from imta_fast.data import DataError, build_data, build_eval_loader, build_train_loader
+from imta_fast.data import DataError, build_dali_loader, build_data, build_eval_loader, build_train_loader, \
+    samples_of
 from imta_fast.distributed import all_gather_object, barrier, cleanup, init_distributed, seed_everything
 from imta_fast.engine import NonFiniteLossError, apply_channels_last, apply_compile, apply_ddp, build_lr_schedule, \
     build_model, build_optimizer, compute_loss, load_teacher_state, per_exit_top1, predict, train_one_epoch
@@ -51,8 +52,15 @@ def train(cfg: TrainConfig) -> dict:
             shutil.copyfile(teacher_split, out / "split.json")
     barrier()
     data = build_data(cfg.dataset, cfg.data_dir, split_path=str(out / "split.json"), holdout_size=cfg.holdout_size,
-                      holdout_transform=cfg.holdout_transform, seed=cfg.seed)
-    train_loader, train_sampler = build_train_loader(data.train, cfg.batch_size, cfg.workers, cfg.seed, dist)
+                      holdout_transform=cfg.holdout_transform, seed=cfg.seed, image_size=cfg.image_size)
+    if cfg.data_backend == "dali":  # decode + augment on the GPU (nvJPEG), CPU mode without CUDA
+        train_loader, train_sampler = build_dali_loader(
+            samples_of(data.train), batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+            device_id=dist.device.index if dist.device.type == "cuda" else None, shard_id=dist.rank,
+            num_shards=dist.world_size, image_size=data.info.image_size, mean=data.info.mean, std=data.info.std,
+            num_threads=max(cfg.workers, 2), channels_last=cfg.channels_last), None
+    else:
+        train_loader, train_sampler = build_train_loader(data.train, cfg.batch_size, cfg.workers, cfg.seed, dist)
     holdout_loader = build_eval_loader(data.holdout, cfg.batch_size * 2, cfg.workers, dist)
     log.info("data: %s, %d train / %d hold-out / %d test images, split sha256 %s", cfg.dataset, len(data.train),
              len(data.holdout), len(data.test), data.split.sha256[:12])
@@ -98,7 +106,8 @@ def train(cfg: TrainConfig) -> dict:
     epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", initial=start_epoch, total=cfg.epochs,
                   disable=not progress, dynamic_ncols=True)
     for epoch in epochs:
-        train_sampler.set_epoch(epoch)
+        if train_sampler is not None:  # DALI reshuffles by itself
+            train_sampler.set_epoch(epoch)
         stats, step = train_one_epoch(runner, train_loader, optimizer, scheduler, loss_fn, dist.device, epoch, step,
                                       cfg.amp, cfg.amp_dtype, cfg.channels_last, cfg.max_steps_per_epoch,
                                       cfg.log_interval, progress)

@@ -35,6 +35,8 @@ class TrainConfig:
     holdout_size: int = 500
     holdout_transform: str = "train"  # reference: the hold-out reuses the training augmentation
     workers: int = 0
+    data_backend: str = "pytorch"  # 'pytorch' | 'dali' (ImageFolder JPEGs, training loader)
+    image_size: Optional[int] = None  # ImageFolder crop size (dataset default: 224)
     # model / method
     model: str = "msdnet_mnist"
     method: str = "ce"
@@ -77,6 +79,8 @@ class TrainConfig:
         _check(self.backbone_bn in ("train", "eval"), "--backbone-bn must be train or eval")
         _check(self.epochs > 0 and self.batch_size > 0, "--epochs and --batch-size must be positive")
         _check(self.amp_dtype in ("bfloat16", "float16"), "--amp-dtype must be bfloat16 or float16")
+        _check(self.data_backend == "pytorch" or self.dataset == "imagenet",
+               f"--data-backend dali reads ImageFolder JPEGs: use it with --dataset imagenet, not {self.dataset!r}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -125,6 +129,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout-transform", default="train", choices=["train", "eval"],
                    help="augmentation of the hold-out split; 'train' reproduces the reference, 'eval' is cleaner")
     g.add_argument("-j", "--workers", type=int, default=0)
+    g.add_argument("--data-backend", default="pytorch", choices=["pytorch", "dali"],
+                   help="training loader: torchvision, or NVIDIA DALI (GPU JPEG decode; CPU mode without CUDA)")
+    g.add_argument("--image-size", type=int, help="ImageFolder crop size (default 224)")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="named config (see imta_fast.models.list_models()); dataset default")
     g.add_argument("--method", default="ce", choices=METHODS,

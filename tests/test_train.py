@@ -11,6 +11,8 @@ import torch
 
 import train
 from imta_fast.checkpoint import load_checkpoint
+from imta_fast.data import has_dali
+from imta_fast.data.fake import write_fake_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small but real: digits (1,497 training images), 3 steps of 16 images per epoch.
@@ -147,3 +149,21 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(rows) == 3
     # 2 ranks x 3 steps x 16 images per epoch, counted across ranks.
     assert payload["step"] == 6
+
+
+@pytest.mark.skipif(not has_dali(), reason="nvidia-dali is not installed")
+def test_imagenet_folder_with_dali_backend_cpu(tmp_path):
+    """ImageFolder JPEGs through DALI's CPU pipeline (device_id=None) into a training run."""
+    root = write_fake_image_folder(tmp_path / "imnet", classes=("cat", "dog", "eel"), n_train=6, n_val=2)
+    rc = train.main(["--dataset", "imagenet", "--data-dir", str(root), "--data-backend", "dali", "--image-size", "16",
+                     "--model", "msdnet_tiny", "--holdout-size", "3", "--batch-size", "4", "--epochs", "1",
+                     "--no-progress", "--output", str(tmp_path / "r")])
+    assert rc == 0
+    payload = load_checkpoint(str(tmp_path / "r" / "last.pt"))
+    assert payload["model_kwargs"] == {"num_classes": 3, "in_channels": 3}
+    assert payload["step"] == (18 - 3) // 4  # DALI drops the last partial training batch
+
+
+def test_dali_backend_needs_an_image_folder_dataset(tmp_path, capsys):
+    rc = train.main(FAST + ["--data-backend", "dali", "--output", str(tmp_path / "r")])
+    assert "--dataset imagenet" in one_line_error(capsys, rc)
