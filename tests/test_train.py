@@ -162,6 +162,10 @@ def test_imagenet_folder_with_dali_backend_cpu(tmp_path):
     payload = load_checkpoint(str(tmp_path / "r" / "last.pt"))
     assert payload["model_kwargs"] == {"num_classes": 3, "in_channels": 3}
     assert payload["step"] == (18 - 3) // 4  # DALI drops the last partial training batch
+    import eval as evaluate  # the run's crop size and split carry over into evaluation
+
+    assert evaluate.main([str(tmp_path / "r"), "--budget-points", "4"]) == 0
+    assert (tmp_path / "r" / "budgeted.csv").is_file()
 
 
 def test_dali_backend_needs_an_image_folder_dataset(tmp_path, capsys):
