@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import sys
@@ -26,8 +25,8 @@ from tqdm.auto import tqdm
 from imta_fast.checkpoint import CheckpointError, load_checkpoint
 from imta_fast.data import DataError, build_data, build_eval_loader
 from imta_fast.distributed import DistInfo, init_distributed
-from imta_fast.early_exit import anytime_accuracy, budgeted_evaluation, confidences_and_predictions, exit_indices, \
-    fit_latency_budget
+from imta_fast.early_exit import anytime_accuracy, budgeted_evaluation, cache_key, cached_logits, \
+    confidences_and_predictions, exit_indices, fit_latency_budget
 from imta_fast.engine import build_model, predict
 from imta_fast.evaluator import EarlyExitEvaluator, measure_stage_costs, time_full_network
 from imta_fast.flops import count_exit_costs
@@ -50,14 +49,6 @@ class RunResult:
     latency_fit: Optional[dict] = None
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_run(run_dir: str, which: str, device: torch.device):
     """(model in eval mode, checkpoint path, saved config, model kwargs) of a run directory."""
     path = Path(run_dir) / f"{which}.pt"
@@ -70,29 +61,37 @@ def load_run(run_dir: str, which: str, device: torch.device):
     return model.to(device).eval(), str(path), config, kwargs
 
 
-def run_logits(model, config: dict, run_dir: str, ckpt_path: str, args, dist: DistInfo):
-    """Hold-out and test logits [K, N, C], cached in the run dir under the checkpoint's hash."""
+def run_logits(model, config: dict, kwargs: dict, run_dir: str, ckpt_path: str, args, dist: DistInfo) -> dict:
+    """Hold-out and test logits [K, N, C] and labels, cached in the run dir (``logits_<split>.pt``).
+
+    The cache key covers the checkpoint's bytes and everything else that changes the logits
+    (hold-out transform, autocast, data root, image size), so a stale cache is never reused.
+    """
     holdout_transform = args.holdout_transform or config["holdout_transform"]
-    cache = Path(run_dir) / f"logits_{file_sha256(ckpt_path)[:16]}_{holdout_transform}.pt"
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
-    data = build_data(config["dataset"], args.data_dir or config["data_dir"], split_path=str(Path(run_dir) / "split.json"),
-                      holdout_size=config["holdout_size"], holdout_transform=holdout_transform, seed=config["seed"],
-                      image_size=config.get("image_size"))
+    data_dir = args.data_dir or config["data_dir"]
+    key = cache_key(ckpt_path, holdout_transform=holdout_transform, amp=args.amp, data_dir=data_dir,
+                    image_size=kwargs.get("image_size"), dataset=config["dataset"])
+    data = []
+
+    def compute(split: str):
+        if not data:
+            data.append(build_data(config["dataset"], data_dir, split_path=str(Path(run_dir) / "split.json"),
+                                   holdout_size=config["holdout_size"], holdout_transform=holdout_transform,
+                                   seed=config["seed"], image_size=config.get("image_size")))
+        loader = build_eval_loader(getattr(data[0], split), args.batch_size, args.workers, dist)
+        return predict(model, loader, dist.device, args.amp, "bfloat16", False, progress=sys.stderr.isatty(), desc=split)
+
     result = {}
-    for split, dataset in (("holdout", data.holdout), ("test", data.test)):
-        loader = build_eval_loader(dataset, args.batch_size, args.workers, dist)
-        result[f"{split}_logits"], result[f"{split}_labels"] = predict(model, loader, dist.device, args.amp, "bfloat16",
-                                                                        False, progress=sys.stderr.isatty(), desc=split)
-    result["image_shape"] = torch.tensor([data.info.in_channels, data.info.image_size, data.info.image_size])
-    torch.save(result, cache)
+    for split in ("holdout", "test"):
+        result[f"{split}_logits"], result[f"{split}_labels"] = cached_logits(
+            Path(run_dir) / f"logits_{split}.pt", key, lambda: compute(split), write=dist.is_primary)
     return result
 
 
 def evaluate_run(run_dir: str, label: str, args, dist: DistInfo) -> RunResult:
-    model, ckpt_path, config, _ = load_run(run_dir, args.checkpoint, dist.device)
-    out = run_logits(model, config, run_dir, ckpt_path, args, dist)
-    costs = count_exit_costs(model, tuple(out["image_shape"].tolist()))
+    model, ckpt_path, config, kwargs = load_run(run_dir, args.checkpoint, dist.device)
+    out = run_logits(model, config, kwargs, run_dir, ckpt_path, args, dist)
+    costs = count_exit_costs(model, (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]))
     acc = anytime_accuracy(out["test_logits"], out["test_labels"], topk=(1, 5))
     rows = budgeted_evaluation(out["holdout_logits"], out["holdout_labels"], out["test_logits"], out["test_labels"],
                                costs.macs_m, points=args.budget_points)
@@ -252,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not dist.is_primary:  # every rank evaluated its shard; rank 0 writes
+        return 0
     output = Path(args.output or (args.runs[0] if len(args.runs) == 1 else "eval"))
     write_outputs(results, output)
     print(format_table(results))

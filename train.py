@@ -29,7 +29,8 @@ from imta_fast.metrics import SummaryWriterCSV, environment_info, setup_logging
 log = logging.getLogger("imta_fast")
 
 # A resumed run must agree with its checkpoint on everything that shapes the model or the data.
-RESUME_KEYS = ("dataset", "model", "method", "holdout_size", "isc_detach", "backbone_bn", "teacher")
+RESUME_KEYS = ("dataset", "model", "method", "holdout_size", "isc_detach", "backbone_bn", "teacher", "image_size",
+               "temperature", "gamma", "kl_reduction", "lr_schedule", "amp_dtype")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -62,6 +63,12 @@ def train(cfg: TrainConfig) -> dict:
     else:
         train_loader, train_sampler = build_train_loader(data.train, cfg.batch_size, cfg.workers, cfg.seed, dist)
     holdout_loader = build_eval_loader(data.holdout, cfg.batch_size * 2, cfg.workers, dist)
+    if len(train_loader) == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train) // dist.world_size} "
+                          f"training images per process: no full batch to train on")
+    if cfg.holdout_size == 0:
+        log.warning("--holdout-size 0: the hold-out is the test split, so best.pt and exit thresholds are "
+                    "chosen on test (the reference without --use-valid)")
     log.info("data: %s, %d train / %d hold-out / %d test images, split sha256 %s", cfg.dataset, len(data.train),
              len(data.holdout), len(data.test), data.split.sha256[:12])
 
@@ -73,16 +80,22 @@ def train(cfg: TrainConfig) -> dict:
         check_resume_compatible(payload["config"], cfg.to_dict(), RESUME_KEYS)
         if payload["split_sha256"] != data.split.sha256:
             raise CheckpointError(f"cannot resume from {resume_path}: its data split differs from {out / 'split.json'}")
-    teacher_state = load_teacher_state(cfg.teacher, cfg.to_dict()) if cfg.method == "imta" and payload is None else None
+    teacher_state = None
+    if cfg.method == "imta" and payload is None:
+        teacher_state = load_teacher_state(cfg.teacher, cfg.to_dict(), data.split.sha256)
     model = build_model(cfg.to_dict(), data.info.num_classes, data.info.in_channels, teacher_state).to(dist.device)
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov, dist.device)
     scheduler = build_lr_schedule(optimizer, cfg.lr_schedule, cfg.epochs, len(train_loader) if not cfg.max_steps_per_epoch
                                   else min(cfg.max_steps_per_epoch, len(train_loader)), cfg.milestone_epochs(), cfg.lr_decay)
+    # fp16 autocast needs loss scaling (bf16 and fp32 do not); apex's amp successor.
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp and cfg.amp_dtype == "float16")
     start_epoch, step, best = 0, 0, -1.0
     if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        if "scaler" in payload:
+            scaler.load_state_dict(payload["scaler"])
         if not restore_rng_state(payload["rng"], rank=dist.rank):  # resumed on more processes than saved
             seed_everything(cfg.seed + payload["epoch"] + 1, dist.rank)
         start_epoch, step, best = payload["epoch"] + 1, payload["step"], payload["metrics"]["best_holdout_top1"]
@@ -110,7 +123,7 @@ def train(cfg: TrainConfig) -> dict:
             train_sampler.set_epoch(epoch)
         stats, step = train_one_epoch(runner, train_loader, optimizer, scheduler, loss_fn, dist.device, epoch, step,
                                       cfg.amp, cfg.amp_dtype, cfg.channels_last, cfg.max_steps_per_epoch,
-                                      cfg.log_interval, progress)
+                                      cfg.log_interval, progress, scaler)
         logits, labels = predict(runner, holdout_loader, dist.device, cfg.amp, cfg.amp_dtype, cfg.channels_last)
         holdout_top1 = per_exit_top1(logits, labels)
         is_best = holdout_top1[-1] > best  # selected on the hold-out split, never on test
@@ -119,8 +132,10 @@ def train(cfg: TrainConfig) -> dict:
         if dist.is_primary:
             payload = build_payload(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, step=step,
                                     config=cfg.to_dict(), split_sha256=data.split.sha256, rng=rng,
+                                    scaler=scaler if scaler.is_enabled() else None,
                                     metrics={"holdout_top1": holdout_top1, "best_holdout_top1": best})
-            payload["model_kwargs"] = {"num_classes": data.info.num_classes, "in_channels": data.info.in_channels}
+            payload["model_kwargs"] = {"num_classes": data.info.num_classes, "in_channels": data.info.in_channels,
+                                       "image_size": data.info.image_size}
             ckpt.save(payload, is_best=is_best)
             row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": stats.loss,
                    **{f"train_top1_exit{k + 1}": a for k, a in enumerate(stats.top1)},

@@ -8,6 +8,7 @@ Defaults that depend on the dataset (hold-out size, LR milestones, OFA T/gamma) 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence, Tuple
 
@@ -97,7 +98,8 @@ class TrainConfig:
 
     def milestone_epochs(self) -> Tuple[int, ...]:
         """Epoch indices where the step schedule decays (fractions are of ``epochs``)."""
-        return tuple(int(m * self.epochs) if m < 1 else int(m) for m in self.lr_milestones)
+        # The reference decays when epoch >= 0.5*E (and 0.75*E): the first such epoch is the ceiling.
+        return tuple(math.ceil(m * self.epochs) if m < 1 else int(m) for m in self.lr_milestones)
 
     def to_dict(self) -> dict:
         d = asdict(self)

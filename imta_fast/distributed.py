@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "DistInfo", "all_gather_cat", "all_gather_object", "all_reduce_mean", "all_reduce_sum", "barrier", "cleanup",
+    "DistInfo", "all_gather_cat", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_sum", "barrier", "cleanup",
     "get_rank", "get_world_size", "init_distributed", "is_dist_active", "is_primary", "seed_everything",
 ]
 
@@ -96,6 +96,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     if is_dist_active():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks (a new tensor; the input itself in a single process)."""
+    if not is_dist_active():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 

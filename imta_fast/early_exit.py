@@ -508,16 +508,23 @@ def cache_key(checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *
 
 
 def cached_logits(
-    path: Union[str, os.PathLike], key: str, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
+    path: Union[str, os.PathLike], key: str, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
+    write: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(logits [K, N, C], labels [N])`` from ``path`` if it was written with the same ``key``,
-    else ``compute()`` them and write ``{key, logits, labels}`` atomically (tmp file + ``os.replace``)."""
+    else ``compute()`` them and (if ``write``: rank 0 only under DDP) write ``{key, logits, labels}``
+    atomically (tmp file + ``os.replace``).  An unreadable cache file is recomputed, not an error."""
     if os.path.exists(path):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("key") == key:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # truncated / foreign file: the cache is only a cache
+            blob = {}
+        if isinstance(blob, dict) and blob.get("key") == key:
             return blob["logits"], blob["labels"]
     logits, labels = compute()
     logits, labels = _stack(logits).detach().cpu(), labels.detach().cpu()
+    if not write:
+        return logits, labels
     tmp = f"{os.fspath(path)}.tmp"
     torch.save({"key": key, "logits": logits, "labels": labels}, tmp)
     os.replace(tmp, path)

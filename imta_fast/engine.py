@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from imta_fast.checkpoint import CheckpointError, load_checkpoint
-from imta_fast.distributed import DistInfo, all_gather_cat, all_reduce_sum
+from imta_fast.distributed import DistInfo, all_gather_cat, all_reduce_max, all_reduce_sum
 from imta_fast.functional import multi_exit_loss
 from imta_fast.models import create_imta_model, create_model
 
@@ -50,10 +50,14 @@ def build_model(config: Dict, num_classes: int, in_channels: int, teacher_state:
     return create_imta_model(backbone, isc_detach=config["isc_detach"], backbone_bn=config["backbone_bn"])
 
 
-def load_teacher_state(path: str, config: Dict) -> Dict:
-    """Stage-1 weights for stage 2; refuses a checkpoint of another model/dataset."""
+def load_teacher_state(path: str, config: Dict, split_sha256: str) -> Dict:
+    """Stage-1 weights for stage 2; refuses a checkpoint of another model/dataset or data split
+    (a different split would leak stage-1 hold-out images into training, spec §9.1 item 7)."""
     payload = load_checkpoint(path)
     saved = payload["config"]
+    if payload.get("split_sha256") != split_sha256:
+        raise CheckpointError(f"--teacher {path}: it was trained on another train/hold-out split than this run's "
+                              f"split.json; start stage 2 in a fresh --output so the teacher's split is copied")
     for key in ("model", "dataset"):
         if saved.get(key) != config[key]:
             raise CheckpointError(f"--teacher {path}: it was trained with {key}={saved.get(key)!r}, "
@@ -144,8 +148,11 @@ def compute_loss(outputs, target: torch.Tensor, method: str, temperature: float,
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Callable, device: torch.device,
                     epoch: int, start_step: int, amp: bool, amp_dtype: str, channels_last: bool,
-                    max_steps: int = 0, log_interval: int = 50, progress: bool = False) -> Tuple[EpochStats, int]:
+                    max_steps: int = 0, log_interval: int = 50, progress: bool = False,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> Tuple[EpochStats, int]:
     """One pass over ``loader``. Returns (stats, global step after the epoch).
+
+    ``scaler``: a GradScaler for fp16 autocast (disabled/None for fp32 and bf16, which need none).
 
     Non-finite losses are detected on the device (no per-step host sync) and checked every
     ``log_interval`` steps and at the end; the error names the first bad global step.
@@ -154,6 +161,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     n_steps = len(loader) if not max_steps else min(max_steps, len(loader))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct: Optional[torch.Tensor] = None
+    # -1 until the first non-finite loss; then that global step (max-reduced over ranks when checked).
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     images, step, t0 = 0, start_step, time.perf_counter()
     bar = tqdm(total=n_steps, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
@@ -167,8 +175,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
         with autocast_context(device, amp, amp_dtype):
             loss, logits = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         with torch.no_grad():
             bad = ~torch.isfinite(loss.detach())
@@ -180,7 +193,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
         step += 1
         bar.update(1)
         if (i + 1) % log_interval == 0 or i + 1 == n_steps:
-            if int(first_bad) >= 0:
+            if int(all_reduce_max(first_bad)) >= 0:  # every rank stops together (no DDP deadlock)
                 bar.close()
                 raise NonFiniteLossError(f"non-finite loss at global step {int(first_bad)} (epoch {epoch}); "
                                          f"stopping, the last good checkpoint is kept")

@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import eval as evaluate
 import train
@@ -38,12 +39,28 @@ def test_two_runs_overlaid(runs, capsys):
         assert (out / png).stat().st_size > 10_000
 
 
-def test_logits_cache_is_keyed_on_checkpoint(runs):
-    before = set(p.name for p in (runs / "ge").glob("logits_*.pt"))
-    assert evaluate.main([str(runs / "ge"), "--budget-points", "4"]) == 0
-    assert evaluate.main([str(runs / "ge"), "--budget-points", "4", "--checkpoint", "last"]) == 0
-    after = set(p.name for p in (runs / "ge").glob("logits_*.pt"))
-    assert len(after) >= len(before) and len(after) >= 1
+def test_logits_cache_is_keyed_on_checkpoint_and_options(tmp_path):
+    run_dir = tmp_path / "ce"
+    assert train.main(FAST + ["--output", str(run_dir)]) == 0
+    cache = run_dir / "logits_test.pt"
+
+    def cached():
+        blob = torch.load(cache, weights_only=True)
+        return blob["key"], blob["logits"]
+
+    assert evaluate.main([str(run_dir), "--budget-points", "4", "--checkpoint", "last"]) == 0
+    key1, logits1 = cached()
+    assert evaluate.main([str(run_dir), "--budget-points", "4", "--checkpoint", "last"]) == 0
+    assert cached()[0] == key1  # same checkpoint and options: reused
+    assert evaluate.main([str(run_dir), "--budget-points", "4", "--checkpoint", "last", "--amp"]) == 0
+    assert cached()[0] != key1  # bf16 logits are not the fp32 ones
+    assert train.main(FAST + ["--output", str(run_dir), "--epochs", "2", "--resume", "auto"]) == 0
+    assert evaluate.main([str(run_dir), "--budget-points", "4", "--checkpoint", "last"]) == 0
+    key3, logits3 = cached()
+    assert key3 != key1 and not torch.equal(logits3, logits1)  # new weights, new logits
+    cache.write_bytes(b"garbage")  # a damaged cache is recomputed, not an error
+    assert evaluate.main([str(run_dir), "--budget-points", "4", "--checkpoint", "last"]) == 0
+    assert torch.equal(cached()[1], logits3)
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):

@@ -35,8 +35,9 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
-    assert run(tmp_path / "full", "--epochs", "3") == 0
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, workers):
+    assert run(tmp_path / "full", "--epochs", "3", "-j", workers) == 0
     real_epoch = train.train_one_epoch
 
     def dies_in_epoch_2(*args, **kwargs):
@@ -45,10 +46,10 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", dies_in_epoch_2)
-    assert run(tmp_path / "cut", "--epochs", "3") == 130
+    assert run(tmp_path / "cut", "--epochs", "3", "-j", workers) == 130
     assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 1
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
-    assert run(tmp_path / "cut", "--epochs", "3", "--resume", "auto") == 0
+    assert run(tmp_path / "cut", "--epochs", "3", "--resume", "auto", "-j", workers) == 0
     assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "cut" / "last.pt")
     rows = (tmp_path / "cut" / "summary.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3  # header + one row per epoch, none duplicated
@@ -160,7 +161,7 @@ def test_imagenet_folder_with_dali_backend_cpu(tmp_path):
                      "--no-progress", "--output", str(tmp_path / "r")])
     assert rc == 0
     payload = load_checkpoint(str(tmp_path / "r" / "last.pt"))
-    assert payload["model_kwargs"] == {"num_classes": 3, "in_channels": 3}
+    assert payload["model_kwargs"] == {"num_classes": 3, "in_channels": 3, "image_size": 16}
     assert payload["step"] == (18 - 3) // 4  # DALI drops the last partial training batch
     import eval as evaluate  # the run's crop size and split carry over into evaluation
 
@@ -171,3 +172,25 @@ def test_imagenet_folder_with_dali_backend_cpu(tmp_path):
 def test_dali_backend_needs_an_image_folder_dataset(tmp_path, capsys):
     rc = train.main(FAST + ["--data-backend", "dali", "--output", str(tmp_path / "r")])
     assert "--dataset imagenet" in one_line_error(capsys, rc)
+
+
+def test_teacher_trained_on_another_split_is_refused(tmp_path, capsys):
+    assert run(tmp_path / "ge", "--epochs", "1", "--method", "ge", "--seed", "1") == 0
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (tmp_path / "ge" / "last.pt").rename(moved / "ge.pt")  # its split.json stays behind
+    capsys.readouterr()
+    rc = run(tmp_path / "imta", "--epochs", "1", "--method", "imta", "--teacher", str(moved / "ge.pt"))
+    assert "split" in one_line_error(capsys, rc)
+
+
+def test_batch_larger_than_training_set_is_one_line_error(tmp_path, capsys):
+    rc = run(tmp_path / "r", "--epochs", "1", "--batch-size", "4096")
+    assert "--batch-size 4096" in one_line_error(capsys, rc)
+
+
+def test_fp16_autocast_uses_a_grad_scaler_and_resumes_it(tmp_path):
+    assert run(tmp_path / "r", "--epochs", "1", "--amp", "--amp-dtype", "float16") == 0
+    payload = load_checkpoint(str(tmp_path / "r" / "last.pt"))
+    assert "scaler" in payload and payload["scaler"]["scale"] > 0
+    assert run(tmp_path / "r", "--epochs", "2", "--amp", "--amp-dtype", "float16", "--resume", "auto") == 0

@@ -73,6 +73,24 @@ def build_data(name: str, data_dir: Optional[str | Path], split_path: Optional[s
     return DataBundle(train, holdout, test, info, split)
 
 
+class EpochSeededSampler(DistributedSampler):
+    """A DistributedSampler whose ``set_epoch`` also re-seeds the loader's generator.
+
+    DataLoader workers take their torch seeds from that generator when an epoch's iterator is
+    created; seeding it from ``(seed, rank, epoch)`` makes each epoch's augmentations a function of
+    the epoch alone, so a run resumed at epoch e replays exactly what an uninterrupted run does
+    (with non-persistent workers, which draw fresh seeds every epoch).
+    """
+
+    generator: Optional[torch.Generator] = None
+    base_seed: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed((self.base_seed + 1_000_003 * epoch) % 2**63)
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, distributed: bool = False,
                  seed: int = 0, drop_last: bool = False, pin_memory: Optional[bool] = None,
                  persistent_workers: bool = True) -> Tuple[DataLoader, DistributedSampler]:
@@ -91,9 +109,9 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be initialised first")
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler = EpochSeededSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        sampler = EpochSeededSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     # Augmentation RNG in workers: each worker's torch seed derives from this generator, so a given
@@ -101,6 +119,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
     # draw from the main process's global RNG, which the trainer seeds).
     rank = dist.get_rank() if distributed else 0
     generator = torch.Generator().manual_seed((seed * 65537 + rank) % 2**63)
+    sampler.generator, sampler.base_seed = generator, (seed * 65537 + rank) % 2**63
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=pin_memory, drop_last=drop_last, persistent_workers=persistent_workers and workers > 0,
                         generator=generator)
@@ -114,8 +133,9 @@ def build_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: in
     The last incomplete batch is dropped: a batch of one would break BatchNorm in train mode
     (e.g. IMTA's BatchNorm1d in the ISC links). Call ``sampler.set_epoch(epoch)`` every epoch.
     """
+    # Non-persistent workers: each epoch's workers are seeded from (seed, rank, epoch), see EpochSeededSampler.
     return build_loader(dataset, batch_size, shuffle=True, workers=workers, distributed=dist.is_distributed,
-                        seed=seed, drop_last=True)
+                        seed=seed, drop_last=True, persistent_workers=False)
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, workers: int, dist) -> DataLoader:
