@@ -22,8 +22,9 @@ from imta_fast.config import ConfigError, TrainConfig, parse_train_args
 from imta_fast.data import DataError, build_dali_loader, build_data, build_eval_loader, build_train_loader, \
     samples_of
 from imta_fast.distributed import all_gather_object, barrier, cleanup, init_distributed, seed_everything
-from imta_fast.engine import NonFiniteLossError, apply_channels_last, apply_compile, apply_ddp, build_lr_schedule, \
-    build_model, build_optimizer, compute_loss, load_teacher_state, per_exit_top1, predict, train_one_epoch
+from imta_fast.engine import NonFiniteLossError, apply_channels_last, apply_compile, apply_ddp, apply_sync_bn, \
+    build_lr_schedule, build_model, build_optimizer, compute_loss, load_teacher_state, per_exit_top1, predict, \
+    train_one_epoch
 from imta_fast.metrics import SummaryWriterCSV, environment_info, setup_logging
 
 log = logging.getLogger("imta_fast")
@@ -106,7 +107,8 @@ def train(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model %s, method %s: %d exits, %.3f M trainable parameters", cfg.model, cfg.method, model.num_exits, n_params / 1e6)
 
-    # Fast paths, each a named step: memory format, compile, data parallelism.
+    # Fast paths, each a named step: memory format, BN sync, compile, data parallelism.
+    model = apply_sync_bn(model, cfg.sync_bn, dist)
     runner = apply_ddp(apply_compile(apply_channels_last(model, cfg.channels_last), cfg.compile), dist)
 
     def loss_fn(outputs, target):

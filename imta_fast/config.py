@@ -62,6 +62,7 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
+    sync_bn: bool = False
     compile: bool = False
     device: str = "auto"
     seed: int = 0
@@ -163,6 +164,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="autocast (bf16 by default)")
     g.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--sync-bn", action="store_true", help="nn.SyncBatchNorm across GPUs under torchrun (CUDA only)")
     g.add_argument("--compile", "--torchcompile", dest="compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=0)

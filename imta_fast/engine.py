@@ -21,7 +21,7 @@ from imta_fast.distributed import DistInfo, all_gather_cat, all_reduce_max, all_
 from imta_fast.functional import multi_exit_loss
 from imta_fast.models import create_imta_model, create_model
 
-__all__ = ["build_model", "build_optimizer", "build_lr_schedule", "train_one_epoch", "predict", "autocast_context",
+__all__ = ["apply_sync_bn", "build_model", "build_optimizer", "build_lr_schedule", "train_one_epoch", "predict", "autocast_context",
            "NonFiniteLossError", "EpochStats"]
 
 log = logging.getLogger("imta_fast")
@@ -112,6 +112,16 @@ def apply_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
 def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """Whole-model compile; MSDNet and IMTA have no graph breaks (tested with fullgraph=True)."""
     return torch.compile(model) if enabled else model
+
+
+def apply_sync_bn(model: nn.Module, enabled: bool, dist_info: DistInfo) -> nn.Module:
+    """BatchNorm statistics over all GPUs (apex's SyncBN successor); only CUDA DDP runs have it."""
+    if not enabled or not dist_info.is_distributed:
+        return model
+    if dist_info.device.type != "cuda":
+        log.warning("--sync-bn ignored: SyncBatchNorm needs CUDA processes, this run uses %s", dist_info.device)
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def apply_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
