@@ -194,3 +194,16 @@ def test_fp16_autocast_uses_a_grad_scaler_and_resumes_it(tmp_path):
     payload = load_checkpoint(str(tmp_path / "r" / "last.pt"))
     assert "scaler" in payload and payload["scaler"]["scale"] > 0
     assert run(tmp_path / "r", "--epochs", "2", "--amp", "--amp-dtype", "float16", "--resume", "auto") == 0
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_training_run(tmp_path):
+    """--compile (inductor on CPU) and --channels-last through a whole run, then a resume."""
+    root = write_fake_image_folder(tmp_path / "imnet", classes=("cat", "dog"), n_train=8, n_val=2)
+    args = ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "16", "--model", "msdnet_tiny",
+            "--method", "ge", "--holdout-size", "4", "--batch-size", "4", "--compile", "--channels-last",
+            "--no-progress", "--output", str(tmp_path / "r")]
+    assert train.main(args + ["--epochs", "1"]) == 0
+    assert train.main(args + ["--epochs", "2", "--resume", "auto"]) == 0
+    payload = load_checkpoint(str(tmp_path / "r" / "last.pt"))
+    assert payload["epoch"] == 1 and not any(k.startswith("_orig_mod") for k in payload["model"])
