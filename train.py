@@ -22,9 +22,9 @@ from imta_fast.config import ConfigError, TrainConfig, parse_train_args
 from imta_fast.data import DataError, build_dali_loader, build_data, build_eval_loader, build_train_loader, \
     samples_of
 from imta_fast.distributed import all_gather_object, barrier, cleanup, init_distributed, seed_everything
+from imta_fast.early_exit import anytime_accuracy
 from imta_fast.engine import NonFiniteLossError, apply_channels_last, apply_compile, apply_ddp, apply_sync_bn, \
-    build_lr_schedule, build_model, build_optimizer, compute_loss, load_teacher_state, per_exit_top1, predict, \
-    train_one_epoch
+    build_lr_schedule, build_model, build_optimizer, compute_loss, load_teacher_state, predict, train_one_epoch
 from imta_fast.metrics import SummaryWriterCSV, environment_info, setup_logging
 
 log = logging.getLogger("imta_fast")
@@ -127,7 +127,7 @@ def train(cfg: TrainConfig) -> dict:
                                       cfg.amp, cfg.amp_dtype, cfg.channels_last, cfg.max_steps_per_epoch,
                                       cfg.log_interval, progress, scaler)
         logits, labels = predict(runner, holdout_loader, dist.device, cfg.amp, cfg.amp_dtype, cfg.channels_last)
-        holdout_top1 = per_exit_top1(logits, labels)
+        holdout_top1 = anytime_accuracy(logits, labels, topk=(1,))[1]
         is_best = holdout_top1[-1] > best  # selected on the hold-out split, never on test
         best = max(best, holdout_top1[-1])
         rng = all_gather_object(capture_rng_state())  # every rank's generators, restored per rank

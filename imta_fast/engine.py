@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from imta_fast.checkpoint import CheckpointError, load_checkpoint
 from imta_fast.distributed import DistInfo, all_gather_cat, all_reduce_max, all_reduce_sum
 from imta_fast.functional import multi_exit_loss
+from imta_fast.metrics import MultiExitMeter
 from imta_fast.models import create_imta_model, create_model
 
 __all__ = ["apply_sync_bn", "build_model", "build_optimizer", "build_lr_schedule", "train_one_epoch", "predict", "autocast_context",
@@ -170,7 +171,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     model.train()
     n_steps = len(loader) if not max_steps else min(max_steps, len(loader))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct: Optional[torch.Tensor] = None
+    meter: Optional[MultiExitMeter] = None  # per-exit top-1 on the device, reduced over ranks at the end
     # -1 until the first non-finite loss; then that global step (max-reduced over ranks when checked).
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     images, step, t0 = 0, start_step, time.perf_counter()
@@ -197,22 +198,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
             bad = ~torch.isfinite(loss.detach())
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
             loss_sum += loss.detach().double() * y.numel()
-            hits = torch.stack([(z.argmax(1) == y).sum() for z in logits])
-            correct = hits if correct is None else correct + hits
+        meter = meter or MultiExitMeter(len(logits), topk=(1,))
+        meter.update(logits, y)
         images += y.numel()
         step += 1
         bar.update(1)
         if (i + 1) % log_interval == 0 or i + 1 == n_steps:
-            if int(all_reduce_max(first_bad)) >= 0:  # every rank stops together (no DDP deadlock)
+            bad_step = int(all_reduce_max(first_bad))  # every rank stops together (no DDP deadlock)
+            if bad_step >= 0:
                 bar.close()
-                raise NonFiniteLossError(f"non-finite loss at global step {int(first_bad)} (epoch {epoch}); "
+                raise NonFiniteLossError(f"non-finite loss at global step {bad_step} (epoch {epoch}); "
                                          f"stopping, the last good checkpoint is kept")
             bar.set_postfix(loss=f"{float(loss_sum) / images:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
     bar.close()
-    totals = all_reduce_sum(torch.cat([loss_sum.float().view(1), correct.float(), torch.tensor([float(images)], device=device)]))
-    n = float(totals[-1])
-    stats = EpochStats(loss=float(totals[0]) / n, top1=[100.0 * float(c) / n for c in totals[1:-1]],
-                       images=int(n), seconds=time.perf_counter() - t0)
+    meter.all_reduce()
+    result = meter.compute()
+    stats = EpochStats(loss=float(all_reduce_sum(loss_sum)) / result["count"], top1=result["top1"],
+                       images=result["count"], seconds=time.perf_counter() - t0)
     return stats, step
 
 
@@ -234,8 +236,3 @@ def predict(model: nn.Module, loader, device: torch.device, amp: bool = False, a
     logits = all_gather_cat(torch.cat(all_logits)).transpose(0, 1).contiguous()
     labels = all_gather_cat(torch.cat(all_labels))
     return logits.cpu(), labels.cpu()
-
-
-def per_exit_top1(logits: torch.Tensor, labels: torch.Tensor) -> List[float]:
-    """``logits`` [K, N, C] -> top-1 (%) per exit."""
-    return (logits.argmax(-1) == labels.unsqueeze(0)).float().mean(1).mul(100).tolist()

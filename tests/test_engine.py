@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from imta_fast.distributed import DistInfo
-from imta_fast.engine import apply_sync_bn, build_lr_schedule, build_model, build_optimizer, per_exit_top1
+from imta_fast.early_exit import anytime_accuracy
+from imta_fast.engine import apply_sync_bn, build_lr_schedule, build_model, build_optimizer
 
 
 def lrs(kind, epochs=4, steps=3, milestones=(2, 3)):
@@ -52,6 +53,6 @@ def test_sync_bn_only_converts_cuda_ddp_runs():
     assert isinstance(apply_sync_bn(model, True, cuda_ddp)[1], nn.SyncBatchNorm)  # conversion needs no GPU
 
 
-def test_per_exit_top1():
+def test_holdout_selection_metric_is_per_exit_top1():
     logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])  # [K=2, N=2, C=2]
-    assert per_exit_top1(logits, torch.tensor([0, 1])) == [100.0, 50.0]
+    assert anytime_accuracy(logits, torch.tensor([0, 1]), topk=(1,))[1] == [100.0, 50.0]
