@@ -22,13 +22,14 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from imta_fast.checkpoint import CheckpointError, load_checkpoint
+from imta_fast.train.checkpoint import CheckpointError, load_checkpoint
 from imta_fast.data import DataError, build_data, build_eval_loader
 from imta_fast.distributed import DistInfo, init_distributed
-from imta_fast.early_exit import anytime_accuracy, budgeted_evaluation, cache_key, cached_logits, \
+from imta_fast.inference.protocol import anytime_accuracy, budgeted_evaluation, cache_key, cached_logits, \
     confidences_and_predictions, exit_indices, fit_latency_budget
-from imta_fast.engine import build_model, predict
-from imta_fast.evaluator import EarlyExitEvaluator, measure_stage_costs, time_full_network
+from imta_fast.inference.predict import predict
+from imta_fast.models.build import build_model
+from imta_fast.inference.evaluator import EarlyExitEvaluator, measure_stage_costs, time_full_network
 from imta_fast.flops import count_exit_costs
 from imta_fast.plotting import plot_anytime, plot_budgeted, plot_wallclock
 

@@ -16,15 +16,16 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from imta_fast.checkpoint import CheckpointError, CheckpointManager, build_payload, capture_rng_state, \
+from imta_fast.train.checkpoint import CheckpointError, CheckpointManager, build_payload, capture_rng_state, \
     check_resume_compatible, load_checkpoint, restore_rng_state
-from imta_fast.config import ConfigError, TrainConfig, parse_train_args
+from imta_fast.train.config import ConfigError, TrainConfig, parse_train_args
 from imta_fast.data import DataError, build_dali_loader, build_data, build_eval_loader, build_train_loader, \
     samples_of
 from imta_fast.distributed import all_gather_object, barrier, cleanup, init_distributed, seed_everything
-from imta_fast.early_exit import anytime_accuracy
-from imta_fast.engine import NonFiniteLossError, apply_channels_last, apply_compile, apply_ddp, apply_sync_bn, \
-    build_lr_schedule, build_model, build_optimizer, compute_loss, load_teacher_state, predict, train_one_epoch
+from imta_fast.inference.protocol import anytime_accuracy
+from imta_fast.train.engine import NonFiniteLossError, apply_channels_last, apply_compile, apply_ddp, apply_sync_bn, \
+    build_lr_schedule, build_model, build_optimizer, compute_loss, load_teacher_state, train_one_epoch
+from imta_fast.inference.predict import predict
 from imta_fast.metrics import SummaryWriterCSV, environment_info, setup_logging
 
 log = logging.getLogger("imta_fast")

@@ -22,8 +22,8 @@ import statistics
 import pytest
 import torch
 
-from imta_fast.early_exit import confidences_and_predictions, exit_fractions, fit_thresholds
-from imta_fast.evaluator import EarlyExitEvaluator, time_full_network
+from imta_fast.inference.protocol import confidences_and_predictions, exit_fractions, fit_thresholds
+from imta_fast.inference.evaluator import EarlyExitEvaluator, time_full_network
 from imta_fast.models import create_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")

@@ -22,7 +22,7 @@ S_HEAD, S_NEXT = 1.0 / 5, 4.0 / 5  # block k = 0 of a 5-exit network
 
 
 def _split(provider: str):
-    from imta_fast import gradient_equilibrium as ge
+    from imta_fast.ops import gradient_equilibrium as ge
 
     if provider == "two_rescales":  # the reference's placement: head = r(h, 1/(K-k)); next = r(head, K-k-1)
         def split(h):

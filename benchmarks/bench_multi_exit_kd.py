@@ -29,7 +29,7 @@ def _loss_kwargs(kd: bool) -> dict:
 
 
 def _provider(name: str, kd: bool):
-    from imta_fast import functional, losses
+    from imta_fast.ops import dispatch as functional, losses
 
     kw = _loss_kwargs(kd)
     if name == "eager":

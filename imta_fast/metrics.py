@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from imta_fast.distributed import all_reduce_sum, get_rank
+from imta_fast.fileio import atomic_write_text
 
 __all__ = ["AverageMeter", "MultiExitMeter", "SummaryWriterCSV", "environment_info", "setup_logging", "topk_correct"]
 
@@ -214,10 +215,7 @@ class SummaryWriterCSV:
         writer = csv.DictWriter(buf, fieldnames=self.fieldnames, lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, self.path)  # atomic: the old summary survives a crash here
+        atomic_write_text(self.path, buf.getvalue())  # the old summary survives a crash here
 
 
 def _pkg_version(name: str) -> Optional[str]:

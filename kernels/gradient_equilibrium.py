@@ -1,6 +1,6 @@
 """Fused Gradient Equilibrium split (Triton), imported as ``imta_fast.kernels.gradient_equilibrium``.
 
-Reference: ``imta_fast.gradient_equilibrium.gradient_equilibrium_split`` (spec imta_msdnet.md §2).
+Reference: ``imta_fast.ops.gradient_equilibrium.gradient_equilibrium_split`` (spec imta_msdnet.md §2).
 GE hands block k's coarsest tensor ``h`` to head k and to block k+1; both are ``h`` in the forward and
 
     dL/dh = s_head * g_head + s_next * g_next,   s_head = 1/(K-k),  s_next = (K-k-1)/(K-k).
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from imta_fast.gradient_equilibrium import GradientEquilibriumSplit, split_backward
+from imta_fast.ops.gradient_equilibrium import GradientEquilibriumSplit, split_backward
 from imta_fast.kernels._runtime import INTERPRET, USES_TRITON_OP, jit
 
 __all__ = ["gradient_equilibrium_split_triton", "ge_axpby", "block_size", "INTERPRET", "USES_TRITON_OP"]
@@ -122,7 +122,7 @@ class _GradientEquilibriumSplit(GradientEquilibriumSplit):
 
 
 def gradient_equilibrium_split_triton(x: torch.Tensor, s_head: float, s_next: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for ``imta_fast.gradient_equilibrium.gradient_equilibrium_split`` with a fused backward.
+    """Drop-in for ``imta_fast.ops.gradient_equilibrium.gradient_equilibrium_split`` with a fused backward.
 
     Args:
         x: block k's coarsest-scale output ``[B, C, H, W]`` (any shape/dtype/layout).

@@ -1,7 +1,7 @@
 """Fused multi-exit cross-entropy + distillation loss (Triton), imported as ``imta_fast.kernels.multi_exit_kd``.
 
-Plain-PyTorch twin and the loss definition: ``imta_fast.losses.multi_exit_loss``.  Public entry point:
-``imta_fast.functional.multi_exit_loss(..., impl='triton')``.
+Plain-PyTorch twin and the loss definition: ``imta_fast.ops.losses.multi_exit_loss``.  Public entry point:
+``imta_fast.ops.dispatch.multi_exit_loss(..., impl='triton')``.
 
 Maths (per exit k, sample b, fp32; z = logits row, t = teacher row, y = label)::
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from imta_fast.checkpoint import load_checkpoint
+from imta_fast.train.checkpoint import load_checkpoint
 from imta_fast.data import has_dali
 from imta_fast.data.fake import write_fake_image_folder
 

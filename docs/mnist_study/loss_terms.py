@@ -9,9 +9,9 @@ the first N training batches (train transform, model in train mode as during tra
 import json, sys
 from pathlib import Path
 import torch, torch.nn.functional as F
-from imta_fast.checkpoint import load_checkpoint
+from imta_fast.train.checkpoint import load_checkpoint
 from imta_fast.data import build_data, build_train_loader
-from imta_fast.engine import build_model
+from imta_fast.models.build import build_model
 from imta_fast.distributed import init_distributed
 
 torch.set_num_threads(1)

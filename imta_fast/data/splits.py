@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+
+from imta_fast.fileio import atomic_write_text
 
 from .errors import DataError, describe
 
@@ -79,14 +80,7 @@ def save_split(split: Split, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({**_payload(split), "sha256": split.sha256})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, body)
 
 
 def load_split(path: str | Path) -> Split:

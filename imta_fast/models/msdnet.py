@@ -24,7 +24,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from imta_fast.functional import gradient_equilibrium_split
+from imta_fast.ops.dispatch import gradient_equilibrium_split
 
 __all__ = ["MSDNetConfig", "MSDNet", "ClassifierHead", "layer_plan"]
 

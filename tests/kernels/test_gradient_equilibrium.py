@@ -1,4 +1,4 @@
-"""Fused Gradient Equilibrium split vs the reference ``imta_fast.gradient_equilibrium``: views in the
+"""Fused Gradient Equilibrium split vs the reference ``imta_fast.ops.gradient_equilibrium``: views in the
 forward, ``s_head * g_head + s_next * g_next`` in one Triton pass in the backward, None gradients,
 layouts, double backward, op registration and torch.compile(fullgraph=True).  CPU: interpreter."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imta_fast.gradient_equilibrium import gradient_equilibrium_split
+from imta_fast.ops.gradient_equilibrium import gradient_equilibrium_split
 from imta_fast.kernels import gradient_equilibrium as ge_mod
 from imta_fast.kernels.gradient_equilibrium import block_size, gradient_equilibrium_split_triton
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imta_fast import functional as FN
-from imta_fast import losses
+from imta_fast.ops import dispatch as FN
+from imta_fast.ops import losses
 from imta_fast.kernels import multi_exit_kd as kd_mod
 from imta_fast.kernels.multi_exit_kd import block_sizes
 
@@ -48,7 +48,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
 # ----------------------------------------------------------------------------- float64 reference
 def ref_loss64(z, y, teacher=None, *, temperature=1.0, kd_weight=0.5, exit_weights=None, sample_weights=None,
                label_smoothing=0.0, kl_reduction="mean", kd_form="kl", kd_exits=None):
-    """The contract written out exit by exit in float64 (independent of imta_fast.losses)."""
+    """The contract written out exit by exit in float64 (independent of imta_fast.ops.losses)."""
     K, B, C = z.shape
     z = z.double()
     w = [1.0] * K if exit_weights is None else [float(v) for v in exit_weights]
@@ -258,7 +258,7 @@ def test_list_input_grads_reach_every_exit():
 
 @pytest.mark.parametrize("opt", ["ce_only", "imta_ofa", "soft_ce_phuong", "per_exit_gamma_weights"])
 def test_trainer_torch_loss_equals_kernel(opt):
-    """``--loss-impl torch`` (imta_fast.losses) and ``--loss-impl triton`` agree on value and gradient."""
+    """``--loss-impl torch`` (imta_fast.ops.losses) and ``--loss-impl triton`` agree on value and gradient."""
     K, B, C = 5, 12, 100
     z, y, t, s = make_inputs(K, B, C, torch.float32, sw=True)
     kw = materialize(OPTIONS[opt], K)
@@ -424,7 +424,7 @@ def test_compile_inductor_train_step_with_ge():
             zs.append(heads[k](head_in))
         return FN.multi_exit_loss(zs, y, teacher, temperature=2.0, kd_weight=0.5, impl=impl)
 
-    from imta_fast.gradient_equilibrium import gradient_equilibrium_split
+    from imta_fast.ops.gradient_equilibrium import gradient_equilibrium_split
 
     x = torch.randn(6, 16, device=DEVICE)
     y = torch.randint(0, 10, (6,), device=DEVICE)

@@ -1,4 +1,4 @@
-"""Tests for imta_fast.evaluator: the real early-exit run must agree with the simulated protocol.
+"""Tests for imta_fast.inference.evaluator: the real early-exit run must agree with the simulated protocol.
 
 Parity note (CPU fp32).  Thresholds from fit_thresholds are exactly some sample's confidence, so
 that sample sits on the tie ``c == τ``; a last-bit difference between its confidence in the
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from imta_fast.early_exit import (
+from imta_fast.inference.protocol import (
     EXIT_ALWAYS,
     EXIT_NEVER,
     apply_thresholds,
@@ -25,7 +25,7 @@ from imta_fast.early_exit import (
     fit_thresholds,
     predict_latency,
 )
-from imta_fast.evaluator import (
+from imta_fast.inference.evaluator import (
     EarlyExitEvaluator,
     measure_stage_costs,
     resolve_bucket,

@@ -1,4 +1,4 @@
-"""The plain-PyTorch multi-exit loss (imta_fast.losses, the trainer's ``--loss-impl torch``): a hand
+"""The plain-PyTorch multi-exit loss (imta_fast.ops.losses, the trainer's ``--loss-impl torch``): a hand
 computation, the reference formulations of MSDNet / IMTA OFA / Phuong & Lampert / L2W, options,
 validation, the module and the functional dispatcher on CPU.  The Triton kernel is compared with this
 loss in tests/kernels/test_multi_exit_kd.py."""
@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imta_fast import functional as FN
-from imta_fast.losses import MultiExitKDLoss, MultiExitLoss, multi_exit_kd_loss, multi_exit_loss
+from imta_fast.ops import dispatch as FN
+from imta_fast.ops.losses import MultiExitKDLoss, MultiExitLoss, multi_exit_kd_loss, multi_exit_loss
 
 
 def _log_softmax(v):

@@ -1,13 +1,13 @@
 """Batched early-exit evaluator that really exits early (the reference only simulates it, spec §1.5, §9.1 item 17).
 
 A batch runs stage by stage.  Stage ``k`` is block ``k`` plus head ``k`` (stage 0 also runs the
-stem), then the confidence (max softmax, :func:`imta_fast.early_exit.max_softmax`) of every
+stem), then the confidence (max softmax, :func:`imta_fast.inference.protocol.max_softmax`) of every
 active sample.  Samples with ``conf ≥ τ_k`` leave with their argmax and exit index ``k``; the state
 of the others is compacted (``index_select`` on every tensor leaf of the opaque state pytree)
 before stage ``k+1``.  The last stage takes everyone left.
 
 Given the same thresholds, exit indices and predictions equal the simulated protocol
-(:func:`imta_fast.early_exit.apply_thresholds` on full-network logits) as long as each sample's
+(:func:`imta_fast.inference.protocol.apply_thresholds` on full-network logits) as long as each sample's
 logits do not depend on the batch it is computed in.  Eval-mode BN guarantees that up to the last
 bits of the BLAS: a single row goes to GEMV kernels (so a lone survivor is padded to ``min_rows=2``
 rows), and for some Linear shapes a row's result depends on its position in the batch.  Fitted
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from imta_fast.early_exit import EXIT_ALWAYS, EXIT_NEVER, StageCosts, max_softmax
+from imta_fast.inference.protocol import EXIT_ALWAYS, EXIT_NEVER, StageCosts, max_softmax
 
 __all__ = [
     "EarlyExitBatch",
@@ -191,7 +191,7 @@ class EarlyExitEvaluator:
 
     Args:
         model: in eval mode (train-mode BN would couple samples and let padded rows leak in).
-        thresholds: ``[K]`` default thresholds (:func:`imta_fast.early_exit.fit_thresholds`);
+        thresholds: ``[K]`` default thresholds (:func:`imta_fast.inference.protocol.fit_thresholds`);
             can be overridden per call.
         buckets: ``None`` (exact active sizes), ``'pow2'``, or a list of batch sizes.  Defaults to
             ``'pow2'`` when ``compile`` or ``cuda_graphs`` is on, to bound recompiles / captures.
@@ -507,7 +507,7 @@ def measure_stage_costs(
     repeats: int = 5,
     warmup: int = 2,
 ) -> StageCosts:
-    """Per-stage cost model for :func:`imta_fast.early_exit.fit_latency_budget`.
+    """Per-stage cost model for :func:`imta_fast.inference.protocol.fit_latency_budget`.
 
     Runs the evaluator with no exits (every stage sees every row, and the compaction still runs) at
     each batch size (default ``B`` and ``B//4``), takes the median time of each stage, and fits

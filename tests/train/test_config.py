@@ -1,7 +1,7 @@
 """TrainConfig: dataset defaults, milestone rounding, flag validation."""
 import pytest
 
-from imta_fast.config import ConfigError, parse_train_args
+from imta_fast.train.config import ConfigError, parse_train_args
 
 
 def test_dataset_defaults_and_imagenet_recipe():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from imta_fast.checkpoint import (
+from imta_fast.train.checkpoint import (
     CheckpointError, CheckpointManager, build_payload, capture_rng_state, check_resume_compatible, clean_state_dict,
     load_checkpoint, load_model_state, model_state_dict, restore_rng_state, save_checkpoint, unwrap_model,
 )

@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from imta_fast.fileio import atomic_torch_save
+
 __all__ = [
     "EXIT_NEVER",
     "EXIT_ALWAYS",
@@ -353,7 +355,7 @@ class StageCosts:
     includes the stem; each stage's time includes its head, the confidence, and the compaction of
     the survivors, exactly what the evaluator times.  ``per_image_ms`` and ``overhead_ms`` are the
     slope and intercept of a line fitted to stage times at two batch sizes
-    (``imta_fast.evaluator.measure_stage_costs``).
+    (``imta_fast.inference.evaluator.measure_stage_costs``).
 
     Honest limits: the line is exact only between the measured batch sizes; on a GPU a small active
     batch under-uses the device, which the intercept absorbs only approximately; with batch-size
@@ -525,7 +527,5 @@ def cached_logits(
     logits, labels = _stack(logits).detach().cpu(), labels.detach().cpu()
     if not write:
         return logits, labels
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save({"key": key, "logits": logits, "labels": labels}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(path, {"key": key, "logits": logits, "labels": labels})
     return logits, labels

@@ -19,14 +19,14 @@ import logging
 import os
 import random
 import re
-import secrets
-import shutil
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from imta_fast.fileio import atomic_copy, atomic_torch_save
 
 __all__ = [
     "FORMAT_VERSION", "REQUIRED_KEYS", "CheckpointError", "CheckpointManager", "build_payload", "capture_rng_state",
@@ -195,43 +195,6 @@ def _check_plain(obj: Any, where: str = "payload") -> None:
                         f"weights_only=True) refuses; convert it to plain python types or tensors")
 
 
-def _fsync_dir(directory: str) -> None:
-    """Make the rename itself durable (POSIX); silently skipped where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: str) -> str:
-    # Hidden, unique, same directory (os.replace must not cross filesystems); never matches a checkpoint name.
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file, fsync it, and ``os.replace`` it onto ``path``."""
-    tmp = _tmp_path(path)
-    try:
-        # os.open with 0o666 honours the umask (mkstemp would force 0600, unreadable by teammates).
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
 def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> None:
     """Atomically write ``payload`` to ``path`` (temp file + fsync + ``os.replace``).
 
@@ -244,7 +207,7 @@ def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> None:
         raise TypeError(f"checkpoint payload for {path} lacks keys {missing}")
     _check_plain(dict(payload))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(dict(payload), f))
+    atomic_torch_save(path, dict(payload))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -327,16 +290,6 @@ def check_resume_compatible(saved_config: Mapping[str, Any], current_config: Map
 _KEEP_RE = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)\.pt$")
 
 
-def _atomic_copy(src: str, dst: str) -> None:
-    """Atomically make ``dst`` a byte copy of ``src``.
-
-    A copy, not a hardlink: a link shares the inode, so anything that damages ``last.pt`` in place would
-    damage ``best.pt`` too and leave ``--resume auto`` nothing to fall back to.
-    """
-    with open(src, "rb") as fsrc:
-        _atomic_write(dst, lambda f: shutil.copyfileobj(fsrc, f, 16 << 20))
-
-
 class CheckpointManager:
     """Owns the checkpoints of one run directory.
 
@@ -379,10 +332,10 @@ class CheckpointManager:
         """
         save_checkpoint(self.last_path, payload)
         if is_best:
-            _atomic_copy(self.last_path, self.best_path)
+            atomic_copy(self.last_path, self.best_path)
         if self.keep_last > 0:
             name = f"checkpoint-epoch{int(payload['epoch']):04d}-step{int(payload['step']):09d}.pt"
-            _atomic_copy(self.last_path, os.path.join(self.output_dir, name))
+            atomic_copy(self.last_path, os.path.join(self.output_dir, name))
             for _, old in self._kept()[self.keep_last:]:
                 os.remove(old)
         return self.last_path

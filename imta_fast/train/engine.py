@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -16,13 +15,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from imta_fast.checkpoint import CheckpointError, load_checkpoint
-from imta_fast.distributed import DistInfo, all_gather_cat, all_reduce_max, all_reduce_sum
-from imta_fast.functional import multi_exit_loss
+from imta_fast.train.checkpoint import CheckpointError, load_checkpoint
+from imta_fast.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from imta_fast.ops.dispatch import multi_exit_loss
 from imta_fast.metrics import MultiExitMeter
-from imta_fast.models import create_imta_model, create_model
+from imta_fast.models.build import build_model  # noqa: F401  (re-exported for the train loop)
+from imta_fast.precision import autocast_context
 
-__all__ = ["apply_sync_bn", "build_model", "build_optimizer", "build_lr_schedule", "train_one_epoch", "predict", "autocast_context",
+__all__ = ["apply_sync_bn", "build_model", "build_optimizer", "build_lr_schedule", "train_one_epoch",
            "NonFiniteLossError", "EpochStats"]
 
 log = logging.getLogger("imta_fast")
@@ -33,24 +33,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- construction
-def build_model(config: Dict, num_classes: int, in_channels: int, teacher_state: Optional[Dict] = None) -> nn.Module:
-    """The network a run trains or evaluates, from its (saved) config dict.
-
-    ``ce`` -> MSDNet; ``ge`` -> MSDNet with Gradient Equilibrium; ``imta`` -> IMTA heads on a GE
-    backbone (the reference wraps msdnet_ge, so GE stays on; it has no effect on a frozen backbone).
-    ``teacher_state`` is the stage-1 model state dict, loaded into the backbone for ``imta``.
-    """
-    method = config["method"]
-    backbone = create_model(config["model"], gradient_equilibrium=method in ("ge", "imta"),
-                            num_classes=num_classes, in_channels=in_channels)
-    backbone.ge_impl = config.get("loss_impl", "auto")  # one flag for both fused kernels
-    if method != "imta":
-        return backbone
-    if teacher_state is not None:
-        backbone.load_state_dict(teacher_state)
-    return create_imta_model(backbone, isc_detach=config["isc_detach"], backbone_bn=config["backbone_bn"])
-
-
 def load_teacher_state(path: str, config: Dict, split_sha256: str) -> Dict:
     """Stage-1 weights for stage 2; refuses a checkpoint of another model/dataset or data split
     (a different split would leak stage-1 hold-out images into training, spec §9.1 item 7)."""
@@ -98,12 +80,6 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, kind: str, epochs: int, 
         return decay ** sum(epoch >= m for m in milestones)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_context(device: torch.device, enabled: bool, dtype: str):
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def apply_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
@@ -216,23 +192,3 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     stats = EpochStats(loss=float(all_reduce_sum(loss_sum)) / result["count"], top1=result["top1"],
                        images=result["count"], seconds=time.perf_counter() - t0)
     return stats, step
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, amp: bool = False, amp_dtype: str = "bfloat16",
-            channels_last: bool = False, progress: bool = False, desc: str = "eval") -> Tuple[torch.Tensor, torch.Tensor]:
-    """All exits' logits on a loader: ``([K, N, C] float32 on CPU, labels [N])``, gathered over ranks."""
-    model.eval()
-    all_logits, all_labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp, amp_dtype):
-            logits, _ = model(x)
-        all_logits.append(torch.stack([z.float() for z in logits], dim=1))  # [B, K, C]
-        all_labels.append(y.to(device))
-    logits = all_gather_cat(torch.cat(all_logits)).transpose(0, 1).contiguous()
-    labels = all_gather_cat(torch.cat(all_labels))
-    return logits.cpu(), labels.cpu()

@@ -1,7 +1,7 @@
 """Functional API with implementation dispatch (``torch.nn.functional`` style).
 
 ``multi_exit_loss(..., impl='auto'|'torch'|'triton')`` computes the loss defined in
-:mod:`imta_fast.losses` either with the plain-PyTorch reference or with the fused Triton kernel
+:mod:`imta_fast.ops.losses` either with the plain-PyTorch reference or with the fused Triton kernel
 ``torch.ops.imta_fast.multi_exit_kd`` (``imta_fast.kernels.multi_exit_kd``).
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from imta_fast import losses as _losses
-from imta_fast.losses import Logits, WeightSpec
+from imta_fast.ops import losses as _losses
+from imta_fast.ops.losses import Logits, WeightSpec
 
 __all__ = ["gradient_equilibrium_split", "multi_exit_loss", "multi_exit_kd_loss", "triton_available"]
 
@@ -20,7 +20,7 @@ def _kernels():
     """The Triton kernel module (registers ``torch.ops.imta_fast.multi_exit_kd``), or None without Triton.
 
     Imported lazily: importing Triton fixes its compiled/interpreted mode (``TRITON_INTERPRET``), so a
-    plain ``import imta_fast.functional`` must not do it.  A local import statement is also what
+    plain ``import imta_fast.ops.dispatch`` must not do it.  A local import statement is also what
     ``torch.compile`` can trace once the module is loaded (it is, after one eager call or an import).
     """
     try:
@@ -78,7 +78,7 @@ def multi_exit_loss(
     reduction: str = "sum",
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Multi-exit CE + KD loss; arguments and formula as :func:`imta_fast.losses.multi_exit_loss`.
+    """Multi-exit CE + KD loss; arguments and formula as :func:`imta_fast.ops.losses.multi_exit_loss`.
 
     ``loss = sum_k w_k [(1-g_k) mean_b(s_bk CE_kb) + g_k R_kd(s_bk T^2 KD_kb)]``
 
@@ -137,11 +137,11 @@ multi_exit_kd_loss = multi_exit_loss  # the name used by the design notes
 
 
 def gradient_equilibrium_split(x: torch.Tensor, s_head: float, s_next: float, impl: str = "auto"):
-    """GE split (``imta_fast.gradient_equilibrium``) with the fused Triton backward on CUDA.
+    """GE split (``imta_fast.ops.gradient_equilibrium``) with the fused Triton backward on CUDA.
 
     ``impl='auto'`` uses Triton for CUDA tensors when it imports, the plain-PyTorch reference otherwise.
     """
-    from imta_fast.gradient_equilibrium import gradient_equilibrium_split as reference
+    from imta_fast.ops.gradient_equilibrium import gradient_equilibrium_split as reference
 
     if impl == "torch" or (impl == "auto" and not (x.is_cuda and triton_available())):
         return reference(x, s_head, s_next)

@@ -1,11 +1,11 @@
-"""Tests for imta_fast.early_exit: the budgeted protocol (spec §6) against hand-worked examples and
+"""Tests for imta_fast.inference.protocol: the budgeted protocol (spec §6) against hand-worked examples and
 against a per-sample transcription of the reference loops; latency-budget fitting."""
 import math
 
 import pytest
 import torch
 
-from imta_fast.early_exit import (
+from imta_fast.inference.protocol import (
     EXIT_ALWAYS,
     EXIT_NEVER,
     StageCosts,

@@ -2,7 +2,7 @@
 
 This module is the reference ("twin") of the fused Triton kernel in ``imta_fast.kernels.multi_exit_kd``,
 the implementation the trainer runs with ``--loss-impl torch``, and the CPU fallback of
-:func:`imta_fast.functional.multi_exit_loss`.  One definition covers every method of the project:
+:func:`imta_fast.ops.dispatch.multi_exit_loss`.  One definition covers every method of the project:
 
 - MSDNet baseline / GE stage 1 (spec imta_msdnet.md §2): no teacher -> ``sum_k CE(z_k, y)``.
 - IMTA one-for-all KD (spec imta_msdnet.md §4): ``teacher`` = the frozen GE net's last exit,
@@ -271,7 +271,7 @@ class MultiExitLoss(nn.Module):
         temperature, kd_weight, exit_weights, label_smoothing, kl_reduction, kd_form, kd_exits,
         reduction: as in :func:`multi_exit_loss` (fixed at construction).
         impl: ``'auto'`` (Triton on CUDA when available, else PyTorch), ``'torch'`` or ``'triton'``;
-            see :func:`imta_fast.functional.multi_exit_loss`.
+            see :func:`imta_fast.ops.dispatch.multi_exit_loss`.
 
     Shape:
         ``forward(logits, target, teacher=None, sample_weights=None)`` with logits ``K x [B, C]`` or
@@ -303,7 +303,7 @@ class MultiExitLoss(nn.Module):
 
     def forward(self, logits: Logits, target: torch.Tensor, teacher: Optional[torch.Tensor] = None,
                 sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from imta_fast.functional import multi_exit_loss as _functional  # functional imports this module
+        from imta_fast.ops.dispatch import multi_exit_loss as _functional  # functional imports this module
 
         return _functional(logits, target, teacher, temperature=self.temperature, kd_weight=self.kd_weight,
                            exit_weights=self.exit_weights, sample_weights=sample_weights,
