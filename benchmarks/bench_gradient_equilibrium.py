@@ -1,6 +1,7 @@
 """Gradient Equilibrium backward: the reference's two chained rescale ops (IMTA's
 GradientRescaleFunction twice, autograd accumulating the two branches) vs the single-node PyTorch
-split vs the fused Triton axpby, on MSDNet coarsest-scale shapes.
+split (reference backward: mul + add, 5 units) vs the fused split (one ``torch.lerp``, 3 units; it
+replaced the Triton axpby kernel, benchmarks/NOTES.md "Kernels"), on MSDNet coarsest-scale shapes.
 
 Timed: forward split + backward of both branches with given upstream gradients, i.e. exactly the GE
 part of a training step.  ``bytes_ideal`` = read g_head and g_next, write dL/dh: 3 * numel * itemsize.
@@ -17,7 +18,7 @@ SHAPES = {  # (B, C, H, W) of block k's coarsest output
     "large_b128_512x14x14": (128, 512, 14, 14),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ["two_rescales", "split_torch", "split_triton"]
+PROVIDERS = ["two_rescales", "split_torch", "split_fused"]
 S_HEAD, S_NEXT = 1.0 / 5, 4.0 / 5  # block k = 0 of a 5-exit network
 
 
@@ -32,9 +33,9 @@ def _split(provider: str):
         return split
     if provider == "split_torch":
         return lambda h: ge.gradient_equilibrium_split(h, S_HEAD, S_NEXT)
-    from imta_fast.kernels.gradient_equilibrium import gradient_equilibrium_split_triton
+    from imta_fast.ops import dispatch
 
-    return lambda h: gradient_equilibrium_split_triton(h, S_HEAD, S_NEXT)
+    return lambda h: dispatch.gradient_equilibrium_split(h, S_HEAD, S_NEXT, impl="triton")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -56,4 +57,5 @@ def test_ge_backward(cuda_bench, shape, dtype, channels_last, provider):
 
     nbytes = 3 * h.numel() * h.element_size()
     cuda_bench(step, nbytes, group=f"ge_backward {shape} {dtype} {'nhwc' if channels_last else 'nchw'}",
-               provider=provider, shape=list(dims), dtype=dtype, channels_last=channels_last)
+               bench="ge_backward", provider=provider, shape_name=shape, shape=list(dims), dtype=dtype,
+               channels_last=channels_last)

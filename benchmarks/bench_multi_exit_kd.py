@@ -1,12 +1,20 @@
 """Multi-exit CE + KD loss, forward + backward: eager PyTorch reference vs torch.compile'd reference vs
 the fused Triton kernel, side by side in one run (one pytest-benchmark group per shape).
 
-Shapes: K = 5 exits, B in {256, 1024, 8192}, C in {100, 1000}, fp32 and bf16, with and without a
-teacher (IMTA OFA: T = 1, gamma = 0.1, 'mean'; label smoothing 0.1).  The logits arrive as a list of
-K tensors, as the model returns them, so every provider pays its own stacking.
+GPU cases (skipped without CUDA): K = 5 exits, B in {256, 1024, 8192}, C in {100, 1000}, fp32 and bf16,
+with and without a teacher (IMTA OFA: T = 1, gamma = 0.1, 'mean'; label smoothing 0.1).  The logits
+arrive as a list of K tensors, as the model returns them, so every provider pays its own stacking (the
+fused path takes the K tensors without stacking).  ``compile`` gets a fresh ``torch.compile`` object per
+case after ``torch._dynamo.reset()`` (one object reused across shapes hit the recompile limit).  GB/s
+and the copy-bandwidth fraction come from CUDA-event times (benchmarks/conftest.py).
 
 ``bytes_ideal`` = read the K logit tensors (+ the teacher) and write their gradient once:
 (2K (+1)) * B * C * itemsize -- the floor for any implementation; GB/s are against that.
+
+CPU case (``cpu_bench``, runs anywhere): host cost per forward + backward call of the fused path with the
+kernel launches replaced by no-ops, against the eager PyTorch loss on a problem so small that its
+arithmetic is negligible (target <= 0.25x, benchmarks/targets.py); ``triton_op_stubbed`` is the previous
+route (stack + ``torch.library`` op + its autograd wrapper) for comparison.
 """
 from __future__ import annotations
 
@@ -18,7 +26,6 @@ BATCHES = [256, 1024, 8192]
 CLASSES = [100, 1000]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ["eager", "compile", "triton"]
-_COMPILED = {}
 
 
 def _loss_kwargs(kd: bool) -> dict:
@@ -29,20 +36,18 @@ def _loss_kwargs(kd: bool) -> dict:
 
 
 def _provider(name: str, kd: bool):
-    from imta_fast.ops import dispatch as functional, losses
+    from imta_fast.ops import dispatch, losses
 
     kw = _loss_kwargs(kd)
     if name == "eager":
         return lambda z, y, t: losses.multi_exit_loss(z, y, t, **kw)
     if name == "compile":
-        key = kd
-        if key not in _COMPILED:
-            def ref(z, y, t):
-                return losses.multi_exit_loss(z, y, t, **kw)
+        def ref(z, y, t):
+            return losses.multi_exit_loss(z, y, t, **kw)
 
-            _COMPILED[key] = torch.compile(ref, fullgraph=True, dynamic=False)
-        return _COMPILED[key]
-    return lambda z, y, t: functional.multi_exit_loss(z, y, t, impl="triton", **kw)
+        torch._dynamo.reset()  # one compiled callable per case: no recompile limit, no stale guards
+        return torch.compile(ref, fullgraph=True, dynamic=False)
+    return lambda z, y, t: dispatch.multi_exit_loss(z, y, t, impl="triton", **kw)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -65,4 +70,72 @@ def test_multi_exit_loss_fwd_bwd(cuda_bench, B, C, dtype, kd, provider):
     itemsize = torch.finfo(dt).bits // 8
     nbytes = (2 * K + (1 if kd else 0)) * B * C * itemsize
     cuda_bench(step, nbytes, group=f"multi_exit_loss K{K} B{B} C{C} {dtype} {'kd' if kd else 'ce'}",
-               provider=provider, K=K, B=B, C=C, dtype=dtype, teacher=kd)
+               bench="multi_exit_loss", provider=provider, K=K, B=B, C=C, dtype=dtype, teacher=kd)
+
+
+# ----------------------------------------------------------------------------- host cost (CPU)
+HOST_B, HOST_C = 8, 10  # tiny: the eager loss's arithmetic is ~free, what is left is host work per op
+
+
+def _host_case(provider: str, monkeypatch):
+    from imta_fast.kernels import multi_exit_kd as kd_mod
+    from imta_fast.ops import dispatch, losses
+
+    kw = dict(temperature=1.0, kd_weight=0.1, kl_reduction="mean", label_smoothing=0.1)
+    zs = [torch.randn(HOST_B, HOST_C, requires_grad=True) for _ in range(K)]
+    y = torch.randint(0, HOST_C, (HOST_B,))
+    t = torch.randn(HOST_B, HOST_C)
+    if provider == "eager":
+        def call():
+            torch.autograd.grad(losses.multi_exit_loss(zs, y, t, **kw), zs)
+        return call
+    monkeypatch.setattr(kd_mod, "_run", lambda *a, **k: None)  # the launch becomes a no-op
+    if provider == "triton_stubbed":
+        def call():
+            torch.autograd.grad(dispatch.multi_exit_loss(zs, y, t, impl="triton", **kw), zs)
+        return call
+    coef, _ = dispatch._exit_coef(K, True, 0.1, None, None, zs[0].device)
+
+    def call():  # the pre-#9 route: stack + registered op + its autograd wrapper + backward multiply
+        z = torch.stack(zs, 0)
+        row_loss, _ = torch.ops.imta_fast.multi_exit_kd(z, y, t, None, coef, 1.0, 0.1, False, False, True)
+        torch.autograd.grad(row_loss.sum(1).sum(), zs)
+    return call
+
+
+def _interleaved_ratio(call, baseline, blocks: int = 41, n: int = 20) -> float:
+    """Median over alternating blocks of (time of n ``call``s) / (time of n ``baseline`` calls): both
+    see the same background load, which a shared machine's separate medians do not."""
+    import time
+
+    ratios = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            baseline()
+        t1 = time.perf_counter()
+        for _ in range(n):
+            call()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+    ratios.sort()
+    return ratios[len(ratios) // 2]
+
+
+@pytest.mark.cpu_bench
+@pytest.mark.parametrize("provider", ["eager", "triton_stubbed", "triton_op_stubbed"])
+def test_host_cost(benchmark, provider, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host work only: no intra-op thread pool waking up (noisy on a shared CPU)
+    try:
+        call = _host_case(provider, monkeypatch)
+        call()  # warm-up: imports, caches
+        benchmark.group = f"host_cost K{K} B{HOST_B} C{HOST_C} cpu"
+        benchmark.pedantic(call, rounds=300, iterations=5, warmup_rounds=20)
+        extra = dict(bench="host_cost", provider=provider, K=K, B=HOST_B, C=HOST_C, device="cpu", threads=1)
+        if provider != "eager":
+            eager = _host_case("eager", monkeypatch)
+            extra["ratio_vs_eager_interleaved"] = round(_interleaved_ratio(call, eager), 4)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info.update(extra)

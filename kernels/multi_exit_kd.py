@@ -13,10 +13,13 @@ Maths (per exit k, sample b, fp32; z = logits row, t = teacher row, y = label)::
     KD   = T^2 sum_c r_c (log r_c - log s_c)   ['kl']   or   -T^2 sum_c r_c log s_c   ['soft_ce']
     dKD/dz_c = T (s_c - r_c)                                  (the same for both forms)
 
-    row loss  = s_bk [ a_ce_k / B * CE + a_kd_k / D * KD ],   D = B ('batchmean') or B*C ('mean')
-    row grad  = s_bk [ a_ce_k / B * (p - q) + a_kd_k * T / D * (s - r) ]
+    row loss  = s_bk [ a_ce_k / N * CE + a_kd_k / D * KD ],   D = B ('batchmean') or B*C ('mean')
+    row grad  = s_bk [ a_ce_k / N * (p - q) + a_kd_k * T / D * (s - r) ]
 
-with ``(a_ce_k, a_kd_k) = (w_k (1-g_k), w_k g_k)`` from ``exit_coef``.  One program owns a tile of
+with N the number of rows whose label is not ``ignore_index`` (N = B when none is); ignored rows have
+no CE term and no CE gradient.
+
+Per-exit ``(a_ce_k, a_kd_k) = (w_k (1-g_k), w_k g_k)`` come from ``exit_coef``.  One program owns a tile of
 ``BLOCK_B`` samples and loops over the K exits, so the teacher statistics are computed once per
 sample.  When a row fits in one ``BLOCK_C`` chunk (C <= 4096 on GPU: C = 10/100/1000) the row is read
 once and kept in registers; otherwise an online-softmax pass (running max, rescaled sums) is followed
@@ -25,29 +28,49 @@ domain (no ``sum(p z) - m`` cancellation), so logits of magnitude 1e4 are safe. 
 strides are multiples of 16 bytes' worth of elements (C = 1000 in bf16), an ``ALIGN`` hint gives
 16-byte vector loads and stores.
 
-Liger-style autograd: the forward writes ``d(loss)/d(logits)`` (in the logits dtype; fp32 for fp16
-logits so that a GradScaler's scale, applied afterwards, cannot meet underflowed values) and saves
-only that; backward is ``grad * grad_output`` (a multiply, never a host read of ``grad_output``).  No host synchronisation
-anywhere (T, eps are runtime float arguments, per-exit weights a small device tensor).
+Exits: up to 8 exit tensors per launch as separate pointer arguments (``z0 .. z7``, ``K`` a compile-time
+constant, the loop over exits unrolled), so a list of heads' outputs is never stacked; more exits go in
+groups of 8 (the teacher is then re-read once per group).  A [K, B, C] tensor is passed as its K views.
 
-Registration: ``torch.ops.imta_fast.multi_exit_kd`` is a ``torch.library.triton_op`` (inductor sees
-the kernel) when available and Triton runs on a GPU; in Triton's interpreter (no GPU, or
-``TRITON_INTERPRET=1``: the CPU tests) or on torch without ``triton_op`` it is an opaque
-``torch.library.custom_op``, because ``wrap_triton`` cannot trace an interpreted kernel.  Both have ``register_fake`` and ``register_autograd``, so
-``torch.compile(fullgraph=True)`` has no graph break either way.
+Ignored rows (``target == ignore_index``, default -100): no CE and no CE gradient, and CE's mean is over
+the rows not ignored (``F.cross_entropy``); KD still applies to them.  The count of those rows is made in
+the kernel for B <= 1024 (each program reads the B targets, an L2 hit) or by one ATen reduction on [B].
+
+Autograd, eager (``_FusedMultiExitLoss``, a plain ``autograd.Function``: the ``torch.library`` wrapper's
+host cost dominates a host-bound step): the forward writes ``d(loss)/d(logits)`` into one [K, B, C]
+buffer (in the logits dtype; fp32 for fp16 logits so that a GradScaler's scale, applied afterwards,
+cannot meet underflowed values), ``set_materialize_grads(False)``; the backward multiplies it in place
+by ``grad_output`` on the device (:func:`scale_grad`: fp32 multiply, one rounding; a program whose
+``grad_output`` is exactly 1 -- a plain ``loss.backward()`` -- returns without touching the buffer) and
+returns views of it as the exits' gradients.  One backward per forward.  Byte counts per design:
+benchmarks/NOTES.md "Kernels".  No host synchronisation anywhere (T, eps are runtime float arguments,
+per-exit weights a small cached device tensor).
+
+Registration (``torch.compile`` and dispatch modes): ``torch.ops.imta_fast.multi_exit_kd`` (a [K, B, C]
+tensor) is a ``torch.library.triton_op`` (inductor sees the kernel) when available and Triton runs on a
+GPU; in Triton's interpreter (no GPU, or ``TRITON_INTERPRET=1``: the CPU tests) or on torch without
+``triton_op`` it is an opaque ``torch.library.custom_op``, because ``wrap_triton`` cannot trace an
+interpreted kernel.  Both have ``register_fake`` and ``register_autograd``, so
+``torch.compile(fullgraph=True)`` has no graph break either way.  ``multi_exit_kd_exits`` (K tensors),
+``multi_exit_kd_grad_scale_`` and ``multi_exit_kd_grad_cast`` are what the eager path calls under a
+dispatch mode (``FlopCounterMode``, an op trace), which therefore sees the fused work as these ops; a
+FLOP formula is registered for both forward ops.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+import functools
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from imta_fast.kernels._runtime import INTERPRET, USES_TRITON_OP, jit
 
-__all__ = ["multi_exit_kd", "multi_exit_kd_forward", "block_sizes", "INTERPRET", "USES_TRITON_OP"]
+__all__ = ["multi_exit_kd", "multi_exit_kd_exits", "multi_exit_kd_forward", "fused_multi_exit_loss", "scale_grad",
+           "multi_exit_kd_flops", "block_sizes", "INTERPRET", "USES_TRITON_OP"]
 
 # Finite stand-in for -inf on padded columns: exp() of it is 0 and 0 * it is 0 (no inf - inf = nan).
 _NEG = tl.constexpr(-1.0e30)
@@ -68,16 +91,18 @@ if _SUM is None or _MAX is None:  # pragma: no cover - not in Triton 3.x
 
 @jit
 def _multi_exit_kd_kernel(
-    z_ptr, stride_zk, stride_zb, stride_zc,  # student logits [K, B, C], any strides
-    y_ptr, stride_y,  # target [B]
+    z0, z1, z2, z3, z4, z5, z6, z7,  # the K <= 8 exits' logits [B, C] (separate tensors; unused = z0)
+    stride_zb, stride_zc,  # their common strides
+    y_ptr, stride_y, ignore_index,  # target [B]; rows equal to ignore_index get no CE
+    n_ptr,  # int64 scalar: number of rows not ignored (CE's denominator, read on device; unless COUNT_ROWS)
     t_ptr, stride_tb, stride_tc,  # teacher logits [B, C] (dummy when HAS_TEACHER is False)
     s_ptr, stride_sb, stride_sk,  # sample weights [B, K] (dummy when HAS_SW is False)
     coef_ptr,  # [K, 2] fp32: (w_k (1 - g_k), w_k g_k)
     loss_ptr,  # [K, B] fp32 out: weighted per-row loss
     g_ptr, stride_gk, stride_gb,  # grad [K, B, C] out, unit stride over C
-    K, B, C,
-    inv_B, inv_D, inv_C, T, inv_T, eps,
-    HAS_TEACHER: tl.constexpr, HAS_SW: tl.constexpr, SOFT_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    B, C,
+    inv_D, inv_C, T, inv_T, eps,
+    K: tl.constexpr, COUNT_ROWS: tl.constexpr, COUNT_BLOCK: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_SW: tl.constexpr, SOFT_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     SINGLE_TILE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -90,7 +115,19 @@ def _multi_exit_kd_kernel(
     # 16-byte vector loads/stores (C = 1000 bf16 -> 8 per access); the column mask is written as
     # cols // ALIGN < C // ALIGN (equal to cols < C) so that it is constant over each vector.
     C_div = C // ALIGN
-    y = tl.load(y_ptr + rows64 * stride_y, mask=row_mask, other=0).to(tl.int32)
+    y = tl.load(y_ptr + rows64 * stride_y, mask=row_mask, other=0)
+    valid = y != ignore_index  # F.cross_entropy: an ignored row adds 0 to CE and leaves its mean
+    y = y.to(tl.int32)
+    if COUNT_ROWS:  # small B: every program counts the B targets itself (an L2 read, no extra launch)
+        nv = tl.full([COUNT_BLOCK], 0, tl.int32)
+        for b0 in range(0, B, COUNT_BLOCK):
+            bb = b0 + tl.arange(0, COUNT_BLOCK)
+            yy = tl.load(y_ptr + bb.to(tl.int64) * stride_y, mask=bb < B, other=ignore_index)
+            nv += (yy != ignore_index).to(tl.int32)
+        n_rows = tl.reduce(nv, 0, _SUM)
+    else:
+        n_rows = tl.load(n_ptr)
+    inv_N = 1.0 / n_rows.to(tl.float32)  # all rows ignored: inf, so CE = 0 * inf = NaN as PyTorch
     q_off = eps * inv_C  # label-smoothing mass on every class
     q_on = 1.0 - eps + q_off  # ... and on the true class
     t_row = t_ptr + tl.multiple_of(rows64 * stride_tb, ALIGN)[:, None]
@@ -121,17 +158,19 @@ def _multi_exit_kd_kernel(
                 mt = m_new
             log_st = tl.log(st)
 
-    for k in range(0, K):
-        kk = tl.full([BLOCK_B], 0, tl.int64) + k  # int64: k * stride_zk may exceed 2**31
+    for k in tl.static_range(K):  # unrolled: exit k's pointer is chosen at compile time
+        z_base = (z0, z1, z2, z3, z4, z5, z6, z7)[k]
+        kk = tl.full([BLOCK_B], 0, tl.int64) + k  # int64: k * stride_gk may exceed 2**31
         a_ce = tl.load(coef_ptr + 2 * k)
         a_kd = tl.load(coef_ptr + 2 * k + 1)
         if HAS_SW:
             sw = tl.load(s_ptr + rows64 * stride_sb + kk * stride_sk, mask=row_mask, other=0.0).to(tl.float32)
         else:
             sw = zero_rows + 1.0
-        c_ce = sw * (a_ce * inv_B)  # per-row coefficient of CE and of (p - q)
+        c_ce = sw * (a_ce * inv_N)  # per-row coefficient of CE and of (p - q)
+        c_ce_g = tl.where(valid, c_ce, 0.0)  # ... of (p - q): an ignored row gets no CE gradient
         c_kd = sw * (a_kd * inv_D)  # per-row coefficient of KD; (s - r) gets c_kd * T
-        z_k = z_ptr + tl.multiple_of(kk * stride_zk + rows64 * stride_zb, ALIGN)[:, None]
+        z_k = z_base + tl.multiple_of(rows64 * stride_zb, ALIGN)[:, None]
         g_k = g_ptr + tl.multiple_of(kk * stride_gk + rows64 * stride_gb, ALIGN)[:, None]
 
         if SINGLE_TILE:
@@ -144,8 +183,8 @@ def _multi_exit_kd_kernel(
             d = tl.reduce(e, 1, _SUM)
             lp = zs - tl.log(d)[:, None]
             q = tl.where(cols[None, :] == y[:, None], q_on, q_off)
-            ce = tl.reduce(tl.where(cmask[None, :], -q * lp, 0.0), 1, _SUM)
-            grad = c_ce[:, None] * (e / d[:, None] - q)
+            ce = tl.where(valid, tl.reduce(tl.where(cmask[None, :], -q * lp, 0.0), 1, _SUM), 0.0)
+            grad = c_ce_g[:, None] * (e / d[:, None] - q)
             row_loss = c_ce * ce
             if HAS_TEACHER:
                 zt = zs * inv_T
@@ -192,7 +231,7 @@ def _multi_exit_kd_kernel(
                 lp = zs - lse[:, None]
                 q = tl.where(cc[None, :] == y[:, None], q_on, q_off)
                 ce += tl.reduce(tl.where(cmask[None, :], -q * lp, 0.0), 1, _SUM)
-                grad = c_ce[:, None] * (tl.exp(lp) - q)
+                grad = c_ce_g[:, None] * (tl.exp(lp) - q)
                 if HAS_TEACHER:
                     tt = tl.load(t_row + cc[None, :] * stride_tc, mask=mask2, other=0.0).to(tl.float32)
                     lpt = (tt - mt[:, None]) * inv_T - log_st[:, None]
@@ -206,13 +245,35 @@ def _multi_exit_kd_kernel(
                     grad += (c_kd * T)[:, None] * (tl.exp(lps) - pt)
                 if WRITE_GRAD:
                     tl.store(g_k + cc[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask2)
-            row_loss = c_ce * ce
+            row_loss = c_ce * tl.where(valid, ce, 0.0)
             if HAS_TEACHER:
                 row_loss += c_kd * (kd * (T * T))
         tl.store(loss_ptr + kk * B + rows64, row_loss, mask=row_mask)
 
 
+@jit
+def _grad_scale_kernel(g_ptr, out_ptr, go_ptr, stride_go, N, SKIP_ONES: tl.constexpr, BLOCK: tl.constexpr):
+    """Backward: ``out[k] = go[k] * g[k]`` (fp32 multiply, one rounding) over exit k's ``N = B*C`` elements.
+
+    ``SKIP_ONES`` (in place, ``out is g``): a program whose upstream gradient is exactly 1 -- the plain
+    ``loss.backward()`` of a training step -- returns after reading that one scalar, so the common step
+    moves no [K, B, C] bytes here.  ``go`` is read on the device: never a host sync."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    go = tl.load(go_ptr + k * stride_go).to(tl.float32)
+    offs = k.to(tl.int64) * N + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < (k.to(tl.int64) + 1) * N
+    if SKIP_ONES:
+        if go != 1.0:
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs, (g * go).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (g * go).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launcher
+MAX_EXITS_PER_LAUNCH = 8  # exits handled by one launch (pointer arguments z0..z7); more -> groups of 8
 _BLOCK_OVERRIDE: dict = {}
 
 
@@ -229,27 +290,37 @@ def block_sizes(block_b: Optional[int] = None, block_c: Optional[int] = None) ->
         _BLOCK_OVERRIDE.update(prev)
 
 
-def _launch_config(B: int, C: int, on_gpu: bool) -> Tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_C, num_warps).
-
-    GPU: a row of up to 4096 classes stays in registers (one read of the logits); small-C problems
-    pack several samples per program (tile <= 2048 elements) while keeping >= ~256 programs, and
-    num_warps gives ~8 elements per thread.  From ptxas on sm_90a: a 1 x 1024 tile with a teacher
-    uses 72 registers at 4 warps, no spills.  (Not yet tuned on a GPU: see benchmarks/.)
-    Interpreter: one big tile, since each program instance costs ~ms of Python.
-    """
+@functools.lru_cache(maxsize=512)
+def _launch_config_cached(B: int, C: int, on_gpu: bool, block_b_o: Optional[int],
+                          block_c_o: Optional[int]) -> Tuple[int, int, int]:
     if on_gpu:
-        block_c = min(triton.next_power_of_2(C), 4096)
+        block_c = min(_next_pow2(C), 4096)
         rows_fit = max(1, 2048 // block_c)
         rows_par = 1 << (max(1, B // 256).bit_length() - 1)  # largest power of two <= B / 256
         block_b = max(1, min(rows_fit, rows_par))
     else:
-        block_c = min(triton.next_power_of_2(C), 32768)
-        block_b = min(triton.next_power_of_2(B), max(1, (1 << 20) // block_c), 64)
-    block_b = _BLOCK_OVERRIDE.get("block_b", block_b)
-    block_c = _BLOCK_OVERRIDE.get("block_c", block_c)
+        block_c = min(_next_pow2(C), 32768)
+        block_b = min(_next_pow2(B), max(1, (1 << 20) // block_c), 64)
+    block_b = block_b if block_b_o is None else block_b_o
+    block_c = block_c if block_c_o is None else block_c_o
     num_warps = max(4, min(16, block_b * block_c // 256))
-    return block_b, block_c, num_warps
+    return block_b, block_c, num_warps, -(-B // block_b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _launch_config(B: int, C: int, on_gpu: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_C, num_warps, number of programs), cached per (B, C, device kind, test override).
+
+    GPU: a row of up to 4096 classes stays in registers (one read of the logits); small-C problems
+    pack several samples per program (tile <= 2048 elements) while keeping >= ~256 programs, and
+    num_warps gives ~8 elements per thread.  From ptxas on sm_90a: a 1 x 1024 tile with a teacher
+    uses 72 registers at 4 warps, no spills.  (Not yet tuned on a GPU: see benchmarks/NOTES.md.)
+    Interpreter: one big tile, since each program instance costs ~ms of Python.
+    """
+    return _launch_config_cached(B, C, on_gpu, _BLOCK_OVERRIDE.get("block_b"), _BLOCK_OVERRIDE.get("block_c"))
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -259,70 +330,212 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _row_alignment(logits: torch.Tensor, teacher: Optional[torch.Tensor], C: int, g_strides) -> int:
-    """Largest power of two (<= 16 bytes of the logits dtype) dividing C and every row stride, or 1
-    when a class dimension is strided.  Passed as a constexpr hint for vectorised row accesses."""
-    if logits.stride(2) != 1 or (teacher is not None and teacher.stride(1) != 1):
+def _common_strides(exits):
+    """The exits as [B, C] tensors sharing one (row, column) stride pair: views of a [K, B, C] tensor and
+    the heads' contiguous outputs already do; an odd one out is made contiguous (a copy of that exit)."""
+    s0 = exits[0].stride()
+    if all(e.stride() == s0 for e in exits):
+        return exits
+    return tuple(e.contiguous() for e in exits)
+
+
+def _run(kernel, grid, traceable: bool, *args, **kwargs) -> None:
+    """The one place a kernel is launched (tests replace it to stub launches out or to mark them)."""
+    (torch.library.wrap_triton(kernel) if traceable else kernel)[grid](*args, **kwargs)
+
+
+COUNT_IN_KERNEL_MAX_B = 1024  # up to this batch the kernel counts the rows not ignored itself
+
+
+def multi_exit_kd_forward(
+    logits, target: torch.Tensor, teacher: Optional[torch.Tensor],
+    sample_weights: Optional[torch.Tensor], exit_coef: torch.Tensor, temperature: float,
+    label_smoothing: float, kl_batchmean: bool, soft_ce: bool, write_grad: bool, ignore_index: int = -100, *,
+    traceable: bool = False, check: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel on ``logits`` (a [K, B, C] tensor or K tensors [B, C], never stacked).
+
+    Returns ``(row_loss [K, B] fp32, grad [K, B, C])``: ``grad`` is d(sum row_loss)/d(logits), in the
+    logits dtype (fp32 for fp16 or mixed fp16/fp32), one buffer; an empty tensor when ``write_grad`` is False.
+    ``check=False`` skips the ``exit_coef`` validation (the dispatch layer built it).
+    """
+    exits = tuple(logits.unbind(0)) if isinstance(logits, torch.Tensor) else tuple(logits)
+    K = len(exits)
+    z0 = exits[0]
+    B, C = (int(n) for n in z0.shape)  # int(): specialise symbolic sizes when traced
+    if check and (exit_coef.shape != (K, 2) or exit_coef.dtype != torch.float32 or not exit_coef.is_contiguous()):
+        raise ValueError(f"exit_coef must be a contiguous float32 [K, 2] = [{K}, 2] tensor of (w_k (1 - g_k), "
+                         f"w_k g_k), got {exit_coef.dtype} {tuple(exit_coef.shape)}")
+    zstride = z0.stride()
+    dtype = z0.dtype
+    mixed = False
+    for e in exits:
+        if e.stride() != zstride:
+            exits = _common_strides(exits)
+            z0, zstride = exits[0], exits[0].stride()
+            break
+    for e in exits:
+        if e.dtype != dtype:
+            mixed = True
+            dtype = torch.promote_types(dtype, e.dtype)
+    device = z0.device
+    row_loss = torch.empty((K, B), dtype=torch.float32, device=device)
+    grad = torch.empty((K, B, C) if write_grad else (0,), dtype=_grad_dtype(dtype), device=device)
+    count_rows = B <= COUNT_IN_KERNEL_MAX_B
+    n_valid = target if count_rows else (target != ignore_index).sum()  # CE's denominator, on the device
+    has_t = teacher is not None
+    has_sw = sample_weights is not None
+    t = teacher if has_t else z0  # dummy pointers, never read
+    block_b, block_c, num_warps, n_prog = _launch_config(B, C, z0.is_cuda and not INTERPRET)
+    g_strides = (B * C, C) if write_grad else (0, 0)
+    tstride = t.stride() if has_t else (0, 0)
+    align = _row_alignment_cached(zstride, tstride if has_t else None, C, g_strides,
+                                  min(e.element_size() for e in exits) if mixed else z0.element_size())
+    for g0 in range(0, K, MAX_EXITS_PER_LAUNCH):  # one launch for K <= 8
+        g1 = min(K, g0 + MAX_EXITS_PER_LAUNCH)
+        grp = exits[g0:g1] + (z0,) * (MAX_EXITS_PER_LAUNCH - (g1 - g0))
+        whole = g0 == 0 and g1 == K  # no slicing views in the common case
+        coef = exit_coef if whole else exit_coef[g0:g1]
+        sw = (sample_weights if whole else sample_weights[:, g0:g1]) if has_sw else exit_coef
+        loss_g = row_loss if whole else row_loss[g0:g1]
+        grad_g = grad if (whole or not write_grad) else grad[g0:g1]
+        _run(_multi_exit_kd_kernel, (n_prog,), traceable,
+             *grp, zstride[0], zstride[1],
+             target, target.stride(0), int(ignore_index), n_valid,
+             t, tstride[0], tstride[1],
+             sw, sw.stride(0) if has_sw else 0, sw.stride(1) if has_sw else 0,
+             coef, loss_g, grad_g, g_strides[0], g_strides[1],
+             B, C,
+             1.0 / B if kl_batchmean else 1.0 / (B * C), 1.0 / C,
+             float(temperature), 1.0 / float(temperature), float(label_smoothing),
+             K=g1 - g0, COUNT_ROWS=count_rows, COUNT_BLOCK=min(_next_pow2(B), 1024),
+             HAS_TEACHER=has_t, HAS_SW=has_sw, SOFT_CE=soft_ce, WRITE_GRAD=write_grad,
+             SINGLE_TILE=C <= block_c, ALIGN=align, BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps)
+    return row_loss, grad
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_alignment_cached(zstride, tstride, C: int, g_strides, min_itemsize: int) -> int:
+    """Largest power of two (<= 16 bytes of the narrowest logits dtype) dividing C and every row stride,
+    or 1 when a class dimension is strided.  Passed as a constexpr hint for vectorised row accesses."""
+    if zstride[1] != 1 or (tstride is not None and tstride[1] != 1):
         return 1
-    vals = [C, logits.stride(0), logits.stride(1), *g_strides]
-    if teacher is not None:
-        vals.append(teacher.stride(0))
-    align = max(1, 16 // logits.element_size())
+    vals = [C, zstride[0], *g_strides] + ([tstride[0]] if tstride is not None else [])
+    align = max(1, 16 // min_itemsize)
     while align > 1 and any(v % align for v in vals):
         align //= 2
     return align
 
 
-def _launch(kernel, traceable: bool):
-    return torch.library.wrap_triton(kernel) if traceable else kernel
+@functools.lru_cache(maxsize=1024)
+def _scale_config(K: int, N: int, on_gpu: bool) -> Tuple[Tuple[int, int], int, int]:
+    block = 4096 if on_gpu else min(_next_pow2(N), 1 << 20)
+    return (-(-N // block), K), block, 8 if block >= 4096 else 4
 
 
-def multi_exit_kd_forward(
-    logits: torch.Tensor, target: torch.Tensor, teacher: Optional[torch.Tensor],
-    sample_weights: Optional[torch.Tensor], exit_coef: torch.Tensor, temperature: float,
-    label_smoothing: float, kl_batchmean: bool, soft_ce: bool, write_grad: bool, *, traceable: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel. Returns ``(row_loss [K, B] fp32, grad [K, B, C])``; ``grad`` is an empty tensor
-    when ``write_grad`` is False."""
-    K, B, C = (int(n) for n in logits.shape)  # int(): specialise symbolic sizes when traced
-    if exit_coef.shape != (K, 2) or exit_coef.dtype != torch.float32 or not exit_coef.is_contiguous():
-        raise ValueError(f"exit_coef must be a contiguous float32 [K, 2] = [{K}, 2] tensor of (w_k (1 - g_k), "
-                         f"w_k g_k), got {exit_coef.dtype} {tuple(exit_coef.shape)}")
-    row_loss = torch.empty((K, B), dtype=torch.float32, device=logits.device)
-    grad = torch.empty((K, B, C) if write_grad else (0,), dtype=_grad_dtype(logits.dtype), device=logits.device)
-    has_t = teacher is not None
-    has_sw = sample_weights is not None
-    t = teacher if has_t else logits  # dummy pointers, never read
-    sw = sample_weights if has_sw else exit_coef
-    block_b, block_c, num_warps = _launch_config(B, C, logits.is_cuda and not INTERPRET)
-    g_strides = (B * C, C) if write_grad else (0, 0)
-    align = _row_alignment(logits, t if has_t else None, C, g_strides)
-    grid = (triton.cdiv(B, block_b),)
-    _launch(_multi_exit_kd_kernel, traceable)[grid](
-        logits, logits.stride(0), logits.stride(1), logits.stride(2),
-        target, target.stride(0),
-        t, t.stride(0) if has_t else 0, t.stride(1) if has_t else 0,
-        sw, sw.stride(0) if has_sw else 0, sw.stride(1) if has_sw else 0,
-        exit_coef, row_loss, grad, g_strides[0], g_strides[1],
-        K, B, C,
-        1.0 / B, 1.0 / B if kl_batchmean else 1.0 / (B * C), 1.0 / C,
-        float(temperature), 1.0 / float(temperature), float(label_smoothing),
-        HAS_TEACHER=has_t, HAS_SW=has_sw, SOFT_CE=soft_ce, WRITE_GRAD=write_grad,
-        SINGLE_TILE=C <= block_c, ALIGN=align, BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return row_loss, grad
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``grad * grad_output`` per exit (``grad_output``: a scalar or [K]) in fp32, rounded once to
+    ``out_dtype``.  In place when ``out_dtype`` is the saved gradient's dtype (then a program with
+    ``grad_output == 1`` touches nothing); out of place otherwise (fp16 logits, fp32 saved gradient)."""
+    K = grad.shape[0]
+    N = grad.numel() // max(K, 1)
+    in_place = out_dtype == grad.dtype
+    out = grad if in_place else torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
+    if N == 0:
+        return out
+    grid, block, num_warps = _scale_config(K, N, grad.is_cuda and not INTERPRET)
+    _run(_grad_scale_kernel, grid, False, grad, out, grad_output, 0 if grad_output.dim() == 0 else
+         grad_output.stride(0), N, SKIP_ONES=in_place, BLOCK=block, num_warps=num_warps)
+    return out
 
 
-# ----------------------------------------------------------------------------- op registration
+# ----------------------------------------------------------------------------- eager autograd (lean path)
+def _dispatch_mode_active() -> bool:
+    return _get_current_dispatch_mode() is not None
+
+
+class _FusedMultiExitLoss(torch.autograd.Function):
+    """Eager forward + backward without the ``torch.library`` wrapper (its host cost dominates a
+    host-bound step).  Forward: one kernel launch (2K+1 units of [B, C] traffic), the gradient kept in one
+    [K, B, C] buffer.  Backward: :func:`scale_grad` in place (0 units when ``grad_output == 1``), the
+    exits' gradients are views of that buffer.  Only the logits are tensor arguments of ``apply`` (the
+    rest, never differentiated, rides in ``spec``: fewer arguments for autograd to inspect).  Under a
+    dispatch mode (``FlopCounterMode``, an op trace) the same work goes through the registered ops so
+    that the mode sees them."""
+
+    @staticmethod
+    def forward(ctx, spec, *logits):
+        target, teacher, sw, coef, (T, eps, bm, soft, ignore_index), write_grad, per_exit_out = spec
+        stacked = len(logits) == 1 and logits[0].dim() == 3
+        exits = logits[0] if stacked else logits
+        if _dispatch_mode_active():
+            op = torch.ops.imta_fast.multi_exit_kd if stacked else torch.ops.imta_fast.multi_exit_kd_exits
+            row_loss, grad = op(exits if stacked else list(exits), target, teacher, sw, coef, T, eps, bm, soft,
+                                write_grad, ignore_index)
+        else:
+            row_loss, grad = multi_exit_kd_forward(exits, target, teacher, sw, coef, T, eps, bm, soft, write_grad,
+                                                   ignore_index, check=False)
+        ctx.set_materialize_grads(False)
+        ctx.grad = grad if write_grad else None
+        ctx.wrote_grad = write_grad
+        ctx.n_inputs = len(logits)
+        ctx.stacked = stacked
+        # the returned gradient's dtype: the logits' (in place unless fp16); mixed exits: the buffer's
+        # (autograd then casts each exit's view to that exit's dtype)
+        ctx.out_dtype = logits[0].dtype
+        for e in logits:
+            if e.dtype != ctx.out_dtype:
+                ctx.out_dtype = grad.dtype
+                break
+        return row_loss.sum(1) if per_exit_out else row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None:
+            return (None,) * (1 + ctx.n_inputs)
+        grad = ctx.grad
+        if grad is None:
+            if ctx.wrote_grad:
+                raise RuntimeError("the fused multi-exit loss (impl='triton') supports one backward per forward "
+                                   "(retain_graph / double backward: use impl='torch')")
+            return (None,) * (1 + ctx.n_inputs)
+        ctx.grad = None  # the buffer becomes the returned gradient (and is freed with it)
+        if _dispatch_mode_active():
+            if ctx.out_dtype == grad.dtype:
+                torch.ops.imta_fast.multi_exit_kd_grad_scale_(grad, grad_output)
+                out = grad
+            else:
+                out = torch.ops.imta_fast.multi_exit_kd_grad_cast(grad, grad_output, ctx.out_dtype)
+        else:
+            out = scale_grad(grad, grad_output, ctx.out_dtype)
+        return (None, out) if ctx.stacked else (None, *out.unbind(0))
+
+
+def fused_multi_exit_loss(logits, target, teacher, sample_weights, exit_coef, opts, per_exit_out: bool):
+    """Eager entry point used by ``imta_fast.ops.dispatch``: ``logits`` is ``(z,)`` with z [K, B, C] or the
+    K exit tensors; ``opts = (T, eps, kl_batchmean, soft_ce, ignore_index)``.  Returns the summed loss,
+    or the [K] per-exit terms when ``per_exit_out``."""
+    write_grad = False
+    if torch.is_grad_enabled():
+        for z in logits:
+            if z.requires_grad:
+                write_grad = True
+                break
+    spec = (target, teacher, sample_weights, exit_coef, opts, write_grad, per_exit_out)
+    return _FusedMultiExitLoss.apply(spec, *logits)
+
+
+# ----------------------------------------------------------------------------- op registration (compile, modes)
 _OP_NAME = "imta_fast::multi_exit_kd"
 
 
 def _op_impl(logits: torch.Tensor, target: torch.Tensor, teacher: Optional[torch.Tensor],
              sample_weights: Optional[torch.Tensor], exit_coef: torch.Tensor, temperature: float,
              label_smoothing: float, kl_batchmean: bool, soft_ce: bool,
-             write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+             write_grad: bool, ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
     return multi_exit_kd_forward(logits, target, teacher, sample_weights, exit_coef, temperature,
-                                 label_smoothing, kl_batchmean, soft_ce, write_grad, traceable=USES_TRITON_OP)
+                                 label_smoothing, kl_batchmean, soft_ce, write_grad, ignore_index,
+                                 traceable=USES_TRITON_OP)
 
 
 if USES_TRITON_OP:
@@ -333,7 +546,7 @@ else:
 
 @multi_exit_kd.register_fake
 def _(logits, target, teacher, sample_weights, exit_coef, temperature, label_smoothing, kl_batchmean,
-      soft_ce, write_grad):
+      soft_ce, write_grad, ignore_index=-100):
     K, B, C = logits.shape
     row_loss = logits.new_empty((K, B), dtype=torch.float32)
     grad = logits.new_empty((K, B, C) if write_grad else (0,), dtype=_grad_dtype(logits.dtype))
@@ -343,14 +556,87 @@ def _(logits, target, teacher, sample_weights, exit_coef, temperature, label_smo
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])  # only the gradient is saved (not logits, not teacher)
     ctx.logits_dtype = inputs[0].dtype
+    ctx.set_materialize_grads(False)  # the unused second output gets no zero [K, B, C] gradient
 
 
-def _backward(ctx, grad_row_loss: torch.Tensor, _grad_grad: Optional[torch.Tensor]):
+def _backward(ctx, grad_row_loss: Optional[torch.Tensor], _grad_grad: Optional[torch.Tensor]):
+    nones = (None,) * 10
+    if grad_row_loss is None:
+        return (None,) + nones
     (grad,) = ctx.saved_tensors
-    # d loss / d logits was formed in the forward; chain rule with the [K, B] upstream gradient.
-    # (A multiply rather than an "if grad_output == 1" test, which would need a host sync.)
-    dlogits = (grad * grad_row_loss.unsqueeze(-1).to(grad.dtype)).to(ctx.logits_dtype)
-    return dlogits, None, None, None, None, None, None, None, None, None
+    # d loss / d logits was formed in the forward; chain rule with the [K, B] upstream gradient, in fp32
+    # and rounded once (inductor fuses this into one pass; never a host read of grad_row_loss).
+    dlogits = (grad.float() * grad_row_loss.unsqueeze(-1).float()).to(ctx.logits_dtype)
+    return (dlogits,) + nones
 
 
 multi_exit_kd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("imta_fast::multi_exit_kd_exits", mutates_args=())
+def multi_exit_kd_exits(logits: List[torch.Tensor], target: torch.Tensor, teacher: Optional[torch.Tensor],
+                        sample_weights: Optional[torch.Tensor], exit_coef: torch.Tensor, temperature: float,
+                        label_smoothing: float, kl_batchmean: bool, soft_ce: bool, write_grad: bool,
+                        ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``multi_exit_kd`` on K separate exit tensors (the eager path's op under a dispatch mode)."""
+    return multi_exit_kd_forward(logits, target, teacher, sample_weights, exit_coef, temperature,
+                                 label_smoothing, kl_batchmean, soft_ce, write_grad, ignore_index)
+
+
+@multi_exit_kd_exits.register_fake
+def _(logits, target, teacher, sample_weights, exit_coef, temperature, label_smoothing, kl_batchmean,
+      soft_ce, write_grad, ignore_index=-100):
+    K, (B, C) = len(logits), logits[0].shape
+    dtype = logits[0].dtype
+    for e in logits[1:]:
+        dtype = torch.promote_types(dtype, e.dtype)
+    return (logits[0].new_empty((K, B), dtype=torch.float32),
+            logits[0].new_empty((K, B, C) if write_grad else (0,), dtype=_grad_dtype(dtype)))
+
+
+@torch.library.custom_op("imta_fast::multi_exit_kd_grad_scale_", mutates_args=("grad",))
+def multi_exit_kd_grad_scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """In-place backward of the eager path: ``grad *= grad_output`` per exit (fp32, rounded once)."""
+    scale_grad(grad, grad_output, grad.dtype)
+
+
+@torch.library.custom_op("imta_fast::multi_exit_kd_grad_cast", mutates_args=())
+def multi_exit_kd_grad_cast(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Out-of-place backward (fp32 saved gradient of fp16 logits): ``(grad * grad_output).to(dtype)``."""
+    return scale_grad(grad, grad_output, dtype)
+
+
+@multi_exit_kd_grad_cast.register_fake
+def _(grad, grad_output, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- FLOP formula
+# Element-wise operations of the kernel per logit element (fp32), counted from the code above: CE
+# (max, subtract, exp, sum, -q*log p multiply-add, gradient p - q and its scale) = 9; KD per student
+# element (scale by 1/T, exp, sum, log-ratio, multiply-add, gradient s - r and its scale) = 10; the
+# teacher's softmax once per element (max, subtract, scale, exp, sum, divide) = 6.  No matmul: this is an
+# estimate of arithmetic for FlopCounterMode, not a roofline input (the op is bandwidth-bound).
+FLOPS_PER_ELEMENT_CE, FLOPS_PER_ELEMENT_KD, FLOPS_PER_TEACHER_ELEMENT = 9, 10, 6
+
+
+def multi_exit_kd_flops(K: int, B: int, C: int, has_teacher: bool) -> int:
+    per = FLOPS_PER_ELEMENT_CE + (FLOPS_PER_ELEMENT_KD if has_teacher else 0)
+    return K * B * C * per + (B * C * FLOPS_PER_TEACHER_ELEMENT if has_teacher else 0)
+
+
+def _register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.imta_fast.multi_exit_kd)
+    def _stacked(logits_shape, target_shape, teacher_shape, *args, out_shape=None, **kwargs) -> int:
+        K, B, C = logits_shape
+        return multi_exit_kd_flops(K, B, C, teacher_shape is not None)
+
+    @register_flop_formula(torch.ops.imta_fast.multi_exit_kd_exits)
+    def _exits(logits_shapes, target_shape, teacher_shape, *args, out_shape=None, **kwargs) -> int:
+        B, C = logits_shapes[0]
+        return multi_exit_kd_flops(len(logits_shapes), B, C, teacher_shape is not None)
+
+
+_register_flops()

@@ -1,4 +1,4 @@
-"""Gradient Equilibrium (IMTA, spec §2): identity forward, rescaled gradients backward.
+"""Gradient Equilibrium (IMTA, docs/method.md §2): identity forward, rescaled gradients backward.
 
 The reference applies two chained rescale ops to block ``k``'s coarsest output ``h``: the head
 reads ``r(h, 1/(K-k))`` and block ``k+1`` reads ``r(r(h, 1/(K-k)), K-k-1)``. Their net effect is
@@ -32,6 +32,10 @@ class GradientRescale(torch.autograd.Function):
 
 
 def _axpby(g_head: torch.Tensor, g_next: torch.Tensor, s_head: float, s_next: float) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Inductor (CPU, torch 2.14) folds add(x, mm_out, alpha=s) into addmm and drops alpha: wrong
+        # gradients.  The plain expression compiles right and fuses into one pass anyway.
+        return g_head * s_head + g_next * s_next
     return torch.add(g_head * s_head, g_next, alpha=s_next)
 
 

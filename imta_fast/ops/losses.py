@@ -4,13 +4,13 @@ This module is the reference ("twin") of the fused Triton kernel in ``imta_fast.
 the implementation the trainer runs with ``--loss-impl torch``, and the CPU fallback of
 :func:`imta_fast.ops.dispatch.multi_exit_loss`.  One definition covers every method of the project:
 
-- MSDNet baseline / GE stage 1 (spec imta_msdnet.md §2): no teacher -> ``sum_k CE(z_k, y)``.
-- IMTA one-for-all KD (spec imta_msdnet.md §4): ``teacher`` = the frozen GE net's last exit,
+- MSDNet baseline / GE stage 1 (docs/method.md §2): no teacher -> ``sum_k CE(z_k, y)``.
+- IMTA one-for-all KD (docs/method.md §4): ``teacher`` = the frozen GE net's last exit,
   ``kd_form='kl'``, ``kl_reduction='mean'`` (the reference's legacy ``nn.KLDivLoss()`` default,
   i.e. the summed KL divided by ``B*C``), defaults ``kd_exits`` = all but the last exit.
-- Phuong & Lampert (spec l2w_phuong_ranet.md §1.1): ``teacher = z_K.detach()``, ``kd_form='soft_ce'``,
+- Phuong & Lampert (docs/method.md §10.1): ``teacher = z_K.detach()``, ``kd_form='soft_ce'``,
   ``kl_reduction='batchmean'``, ``kd_weight=C``, ``exit_weights=[g]*(K-1) + [g*(1-C)]``.
-- L2W (spec l2w_phuong_ranet.md §2.3): ``sample_weights`` = the ``[B, K]`` weight matrix.
+- L2W (docs/method.md §11.3): ``sample_weights`` = the ``[B, K]`` weight matrix.
 
 The formula (the contract shared with the kernel)::
 
@@ -20,11 +20,18 @@ The formula (the contract shared with the kernel)::
     KD_kb = T^2 * sum_c p_bc (log p_bc - log softmax(z_kb / T)_c)     (kd_form='kl')
           = T^2 * sum_c -p_bc log softmax(z_kb / T)_c                 (kd_form='soft_ce')
     p_b   = softmax(t_b / T)                                          (teacher, never differentiated)
-    R_ce  = (1/B) sum_b,    R_kd = (1/B) sum_b ('batchmean')  or  (1/(B*C)) sum_b ('mean')
+    R_ce  = (1/N) sum_{b: y_b != ignore_index},  N = #{b: y_b != ignore_index}   (F.cross_entropy 'mean')
+    R_kd  = (1/B) sum_b ('batchmean')  or  (1/(B*C)) sum_b ('mean')         (every row, see below)
     g_k   = kd_weight[k] if k in kd_exits (and a teacher is given) else 0
     s_bk  = sample_weights[b, k] (1 if absent),  w_k = exit_weights[k] (1 if absent)
 
 Both KD forms have the same gradient, ``T * (softmax(z/T) - p)``; they differ by the teacher entropy.
+
+``ignore_index`` (default -100) follows ``F.cross_entropy(reduction='mean')``: an ignored row adds 0
+to CE (label smoothing included) and is left out of CE's denominator ``N`` (all rows ignored: 0/0 =
+NaN, as PyTorch).  KD is *still applied* to ignored rows and keeps its denominator (B or B*C): the
+teacher's soft targets need no label, which is what the L2W / semi-supervised distillation paths
+use unlabeled rows for.
 """
 from __future__ import annotations
 
@@ -32,10 +39,10 @@ import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["multi_exit_loss", "multi_exit_kd_loss", "MultiExitLoss", "MultiExitKDLoss"]
+__all__ = ["multi_exit_loss", "check_inputs", "exit_coefficients", "resolve_kd_exits", "device_constant",
+           "stack_logits", "IGNORE_INDEX"]
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 WeightSpec = Union[float, Sequence[float], torch.Tensor, None]
@@ -43,6 +50,7 @@ WeightSpec = Union[float, Sequence[float], torch.Tensor, None]
 _KL_REDUCTIONS = ("mean", "batchmean")
 _KD_FORMS = ("kl", "soft_ce")
 _REDUCTIONS = ("sum", "none")
+IGNORE_INDEX = -100  # F.cross_entropy's default
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -188,6 +196,7 @@ def multi_exit_loss(
     kd_form: str = "kl",
     kd_exits: Optional[Sequence[int]] = None,
     reduction: str = "sum",
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Multi-exit CE + distillation loss in plain PyTorch (fp32 math for any input dtype).
 
@@ -210,6 +219,8 @@ def multi_exit_loss(
         kd_form: ``'kl'`` = KL(p_t || p_s); ``'soft_ce'`` = -sum p_t log p_s (Phuong & Lampert).
         kd_exits: exits that get the KD term; default all but the last.
         reduction: ``'sum'`` -> scalar; ``'none'`` -> the ``K`` per-exit terms.
+        ignore_index: rows whose target equals it get no CE and leave CE's mean (as
+            ``F.cross_entropy``); KD still applies to them (module docstring).
 
     Shape:
         returns a float32 scalar, or ``[K]`` with ``reduction='none'``.
@@ -229,13 +240,16 @@ def multi_exit_loss(
 
     zf = z.float()
     logp = zf.log_softmax(-1)  # [K, B, C]
-    nll = -logp.gather(-1, target.long().view(1, B, 1).expand(K, B, 1)).squeeze(-1)  # [K, B]
+    valid = target != ignore_index  # [B]; device ops only (no sync)
+    idx = torch.where(valid, target, 0).long()
+    nll = -logp.gather(-1, idx.view(1, B, 1).expand(K, B, 1)).squeeze(-1)  # [K, B]
     eps = float(label_smoothing)
     ce = (1.0 - eps) * nll - eps * logp.mean(-1) if eps > 0.0 else nll
     s = None if sample_weights is None else sample_weights.float().t()  # [K, B]
     if s is not None:
         ce = ce * s
-    per_exit = a_ce * ce.mean(-1)
+    ce = ce * valid  # an ignored row: 0 (F.cross_entropy)
+    per_exit = a_ce * (ce.sum(-1) / valid.sum())  # mean over the rows not ignored
 
     kd_idx = [k for k in range(K) if kd_active[k]]
     if kd_idx:
@@ -257,62 +271,3 @@ def multi_exit_loss(
         kd_term = F.pad(kd.sum(-1) / denom, (k0, K - k1))
         per_exit = per_exit + a_kd * kd_term
     return per_exit if reduction == "none" else per_exit.sum()
-
-
-multi_exit_kd_loss = multi_exit_loss  # the name used by the design notes
-
-
-class MultiExitLoss(nn.Module):
-    """Module form of :func:`multi_exit_loss` (spec imta_msdnet.md §4, l2w_phuong_ranet.md §1.1/§2).
-
-    ``loss = sum_k w_k [(1-g_k) mean_b(s_bk CE_kb) + g_k R_kd(s_bk T^2 KD_kb)]``
-
-    Args:
-        temperature, kd_weight, exit_weights, label_smoothing, kl_reduction, kd_form, kd_exits,
-        reduction: as in :func:`multi_exit_loss` (fixed at construction).
-        impl: ``'auto'`` (Triton on CUDA when available, else PyTorch), ``'torch'`` or ``'triton'``;
-            see :func:`imta_fast.ops.dispatch.multi_exit_loss`.
-
-    Shape:
-        ``forward(logits, target, teacher=None, sample_weights=None)`` with logits ``K x [B, C]`` or
-        ``[K, B, C]``, target ``[B]``, teacher ``[B, C]``, sample_weights ``[B, K]``; returns a float32
-        scalar (``[K]`` with ``reduction='none'``).
-
-    Example:
-        >>> crit = MultiExitLoss(temperature=1.0, kd_weight=0.1, kl_reduction="mean")  # IMTA ImageNet
-        >>> z = [torch.randn(4, 10, requires_grad=True) for _ in range(5)]
-        >>> loss = crit(z, torch.randint(0, 10, (4,)), teacher=torch.randn(4, 10))
-        >>> loss.backward()
-    """
-
-    def __init__(self, *, temperature: float = 1.0, kd_weight: WeightSpec = 0.5, exit_weights: WeightSpec = None,
-                 label_smoothing: float = 0.0, kl_reduction: str = "mean", kd_form: str = "kl",
-                 kd_exits: Optional[Sequence[int]] = None, reduction: str = "sum", impl: str = "auto"):
-        super().__init__()
-        if impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-        self.temperature = float(temperature)
-        self.kd_weight = kd_weight
-        self.exit_weights = exit_weights
-        self.label_smoothing = float(label_smoothing)
-        self.kl_reduction = kl_reduction
-        self.kd_form = kd_form
-        self.kd_exits = None if kd_exits is None else tuple(int(k) for k in kd_exits)
-        self.reduction = reduction
-        self.impl = impl
-
-    def forward(self, logits: Logits, target: torch.Tensor, teacher: Optional[torch.Tensor] = None,
-                sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from imta_fast.ops.dispatch import multi_exit_loss as _functional  # functional imports this module
-
-        return _functional(logits, target, teacher, temperature=self.temperature, kd_weight=self.kd_weight,
-                           exit_weights=self.exit_weights, sample_weights=sample_weights,
-                           label_smoothing=self.label_smoothing, kl_reduction=self.kl_reduction,
-                           kd_form=self.kd_form, kd_exits=self.kd_exits, reduction=self.reduction, impl=self.impl)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, kl_reduction={self.kl_reduction!r}, "
-                f"kd_form={self.kd_form!r}, label_smoothing={self.label_smoothing}, impl={self.impl!r}")
-
-
-MultiExitKDLoss = MultiExitLoss

@@ -278,14 +278,14 @@ def test_functional_module_op_agree():
     z, y, t, s = make_inputs(K, B, C, torch.float32, sw=True)
     kw = dict(temperature=3.0, kd_weight=0.9, label_smoothing=0.1, kl_reduction="batchmean", kd_form="soft_ce")
     f = FN.multi_exit_loss(z, y, t, sample_weights=s, impl="triton", **kw)
-    m = losses.MultiExitLoss(impl="triton", **kw)(z, y, t, sample_weights=s)
-    alias = losses.MultiExitKDLoss(impl="triton", **kw)(list(z.unbind(0)), y, t, sample_weights=s)
+    m = FN.MultiExitLoss(impl="triton", **kw)(z, y, t, sample_weights=s)
+    alias = FN.MultiExitKDLoss(impl="triton", **kw)(list(z.unbind(0)), y, t, sample_weights=s)
     coef = torch.tensor([[1.0 - 0.9, 0.9]] * (K - 1) + [[1.0, 0.0]], device=DEVICE)
     row_loss, grad = torch.ops.imta_fast.multi_exit_kd(z, y, t, s, coef, 3.0, 0.1, True, True, True)
     assert row_loss.shape == (K, B) and grad.shape == (K, B, C)
     assert torch.equal(f, m) and torch.equal(f, alias)
     assert_close(row_loss.sum(), f, 0, 1e-6, "op")
-    per_exit = losses.MultiExitLoss(impl="triton", reduction="none", **kw)(z, y, t, sample_weights=s)
+    per_exit = FN.MultiExitLoss(impl="triton", reduction="none", **kw)(z, y, t, sample_weights=s)
     assert per_exit.shape == (K,)
     assert_close(per_exit.sum(), f, 0, 1e-6, "reduction=none")
 
@@ -313,7 +313,7 @@ def test_teacher_gets_no_gradient():
 
 
 def test_imta_ofa_matches_kldivloss_formulation():
-    """Spec §4: L = CE(z_K) + sum_{k<K} [(1-g) CE(z_k) + g T^2 KLDivLoss()(log_softmax(z_k/T), softmax(t/T))],
+    """docs/method.md §4: L = CE(z_K) + sum_{k<K} [(1-g) CE(z_k) + g T^2 KLDivLoss()(log_softmax(z_k/T), softmax(t/T))],
     with nn.KLDivLoss's legacy 'mean' reduction (divide by B*C)."""
     K, B, C, T, g = 5, 16, 100, 1.0, 0.1
     z, y, t, _ = make_inputs(K, B, C, torch.float32)
@@ -407,10 +407,12 @@ def test_compile_fullgraph_no_graph_break(dtype):
 
 
 def test_compile_inductor_train_step_with_ge():
-    """The real backend: inductor compiles a training step that uses both registered ops (the fused
-    loss in the forward graph, the fused GE axpby in the backward graph) without a graph break.
-    On CPU the ops are opaque custom ops whose kernels run in Triton's interpreter."""
-    from imta_fast.kernels.gradient_equilibrium import gradient_equilibrium_split_triton
+    """The real backend: inductor compiles a training step that uses both fused ops (the fused
+    loss in the forward graph, the fused GE lerp in the backward graph) without a graph break.
+    On CPU the loss op is an opaque custom op whose kernel runs in Triton's interpreter."""
+    import functools
+
+    gradient_equilibrium_split_triton = functools.partial(FN.gradient_equilibrium_split, impl="triton")
 
     body, heads = _tiny_multi_exit_net()
     params = list(body.parameters()) + list(heads.parameters())
@@ -455,12 +457,12 @@ def test_registration_mode():
 def test_impl_resolution():
     K, B, C = 2, 3, 4
     z, y, t, _ = make_inputs(K, B, C, torch.float32)
-    assert FN._resolve_impl("auto", torch.device("cpu"), ()) == "torch"
-    assert FN._resolve_impl("torch", torch.device("cpu"), ()) == "torch"
+    assert FN.resolve_impl("auto", torch.device("cpu"), ()) == "torch"
+    assert FN.resolve_impl("torch", torch.device("cpu"), ()) == "torch"
     with pytest.raises(ValueError):
         FN.multi_exit_loss(z, y, t, impl="cuda")
     if kd_mod.INTERPRET:
-        assert FN._resolve_impl("triton", torch.device("cpu"), ()) == "triton"
+        assert FN.resolve_impl("triton", torch.device("cpu"), ()) == "triton"
 
 
 _SM90_COMPILE_SCRIPT = r"""
@@ -472,7 +474,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError as exc:
     print("SKIP", exc); sys.exit(0)
-from imta_fast.kernels import gradient_equilibrium as ge, multi_exit_kd as kd
+from imta_fast.kernels import multi_exit_kd as kd
 
 def compile_(fn, sig, consts, ptrs, num_warps):
     names = fn.arg_names
@@ -491,16 +493,16 @@ for dt, teacher, single, soft, sw, wg, align in [
         ("bf16", True, True, False, True, True, 8), ("fp32", True, False, True, False, True, 4),
         ("bf16", False, True, False, False, True, 1), ("fp16", True, False, False, True, False, 1),
         ("fp32", False, False, False, True, True, 4)]:
-    ptrs = {"z_ptr": "*" + dt, "y_ptr": "*i64", "t_ptr": "*" + dt, "s_ptr": "*fp32", "coef_ptr": "*fp32",
-            "loss_ptr": "*fp32", "g_ptr": "*" + dt}
-    sig = dict(ptrs, **{n: "fp32" for n in ("inv_B", "inv_D", "inv_C", "T", "inv_T", "eps")})
-    consts = dict(HAS_TEACHER=teacher, HAS_SW=sw, SOFT_CE=soft, WRITE_GRAD=wg, SINGLE_TILE=single, ALIGN=align,
+    ptrs = {"y_ptr": "*i64", "n_ptr": "*i64", "t_ptr": "*" + dt, "s_ptr": "*fp32", "coef_ptr": "*fp32",
+            "loss_ptr": "*fp32", "g_ptr": "*" + dt, **{f"z{i}": "*" + dt for i in range(8)}}
+    sig = dict(ptrs, **{n: "fp32" for n in ("inv_D", "inv_C", "T", "inv_T", "eps")})
+    consts = dict(K=5, COUNT_ROWS=single, COUNT_BLOCK=256, HAS_TEACHER=teacher, HAS_SW=sw, SOFT_CE=soft, WRITE_GRAD=wg, SINGLE_TILE=single, ALIGN=align,
                   BLOCK_B=2 if single else 1, BLOCK_C=1024, stride_zc=1, stride_tc=1)
     ptx = compile_(k, sig, consts, ptrs, 8)
     n_vec += bool(re.search(r"ld\.global\.v\d", ptx)) if align > 1 else 0
-g = JITFunction(ge._axpby_kernel.fn)
-compile_(g, {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "alpha": "fp32", "beta": "fp32"},
-         dict(BLOCK=4096), ("a_ptr", "b_ptr", "out_ptr"), 8)
+g = JITFunction(kd._grad_scale_kernel.fn)
+compile_(g, {"g_ptr": "*bf16", "out_ptr": "*bf16", "go_ptr": "*fp32"}, dict(SKIP_ONES=True, BLOCK=4096),
+         ("g_ptr", "out_ptr", "go_ptr"), 8)
 print("OK", n_vec)
 """
 

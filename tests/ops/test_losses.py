@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imta_fast.ops import dispatch as FN
-from imta_fast.ops.losses import MultiExitKDLoss, MultiExitLoss, multi_exit_kd_loss, multi_exit_loss
+from imta_fast.ops.dispatch import MultiExitKDLoss, MultiExitLoss, multi_exit_kd_loss
+from imta_fast.ops.losses import multi_exit_loss
 
 
 def _log_softmax(v):
@@ -74,7 +75,7 @@ def test_msdnet_baseline_is_sum_of_cross_entropies():
 
 
 def test_imta_ofa_matches_reference_formulation():
-    """Spec §4 with nn.KLDivLoss() (legacy 'mean' = sum / (B*C)) and nn.CrossEntropyLoss()."""
+    """docs/method.md §4 with nn.KLDivLoss() (legacy 'mean' = sum / (B*C)) and nn.CrossEntropyLoss()."""
     z, y, t = _rand(K=5, B=8, C=20)
     T, g = 3.0, 0.9
     ce, kl = nn.CrossEntropyLoss(), nn.KLDivLoss()
@@ -89,7 +90,7 @@ def test_imta_ofa_matches_reference_formulation():
 
 
 def test_phuong_lampert_distillation_loss():
-    """Spec l2w §1.1: g [(1-C) CE(z_K) + sum_{k<K} ((1-C) CE(z_k) + C T^2 H(q, p_T(z_k)))], q = p_T(z_K.detach())."""
+    """docs/method.md §10.1: g [(1-C) CE(z_K) + sum_{k<K} ((1-C) CE(z_k) + C T^2 H(q, p_T(z_k)))], q = p_T(z_K.detach())."""
     z, y, _ = _rand(K=5, B=8, C=20)
     K, T, Cmix = 5, 4.0, 0.5
     gs = 2 * 5 / K
@@ -103,7 +104,7 @@ def test_phuong_lampert_distillation_loss():
 
 
 def test_l2w_weighted_loss_and_meta_gradient():
-    """Spec l2w §2.3: sum_k mean_i(w_ik CE_ik); the weights stay differentiable (L2W meta step)."""
+    """docs/method.md §11.3: sum_k mean_i(w_ik CE_ik); the weights stay differentiable (L2W meta step)."""
     z, y, _ = _rand(K=5, B=8, C=20)
     w = (torch.rand(8, 5) + 0.5).requires_grad_(True)
     ref = sum((w[:, k] * F.cross_entropy(z[k], y, reduction="none")).mean() for k in range(5))

@@ -1,0 +1,76 @@
+"""Performance targets checked by ``python -m benchmarks.summary results/*.json``.
+
+Each :class:`Target` names one ratio: the ``metric`` of the benchmark chosen by ``numerator``, divided by
+that of the one chosen by ``denominator`` (or the numerator's metric alone when there is none), against
+``goal``.  A selector is either a string -- every ``&``-separated part must occur in the benchmark's
+``fullname`` -- or a dict of ``extra_info`` items that must all match.  ``metric`` is a pytest-benchmark
+stats field (``median``, ``mean``, ``min``: seconds, wall clock) or an ``extra_info`` key (for example
+``event_ms_median``, the CUDA-event time per call, or ``fraction_of_copy_bw``).
+
+Owners append their own entries to ``TARGETS`` and edit only those (benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+Selector = Union[str, Dict[str, object]]
+
+__all__ = ["Target", "TARGETS", "Selector"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    goal: float
+    numerator: Selector = ""
+    denominator: Optional[Selector] = None
+    metric: str = "median"
+    higher_is_better: bool = True
+    note: str = field(default="", compare=False)
+
+
+def _kd_case(provider: str, B: int, C: int = 1000, dtype: str = "bf16") -> Dict[str, object]:
+    return {"bench": "multi_exit_loss", "provider": provider, "K": 5, "B": B, "C": C, "dtype": dtype, "teacher": True}
+
+
+TARGETS: List[Target] = [
+    # ---- kernels (issue #9); owner: kernels helper.  GPU goals are for an H100/H200.
+    Target("multi_exit_loss K5 C1000 B256 fwd+bwd: triton vs eager", 15.0,
+           numerator=_kd_case("eager", 256), denominator=_kd_case("triton", 256), metric="event_ms_median",
+           note="speedup = eager time / fused time (CUDA events)"),
+    Target("multi_exit_loss K5 C1000 B256 fwd+bwd: triton vs torch.compile", 2.0,
+           numerator=_kd_case("compile", 256), denominator=_kd_case("triton", 256), metric="event_ms_median"),
+    Target("multi_exit_loss K5 C1000 B8192 bf16: fraction of copy bandwidth", 0.80,
+           numerator=_kd_case("triton", 8192), metric="fraction_of_copy_bw",
+           note="bytes_ideal = (2K+1) B C itemsize over the event-timed median"),
+    Target("multi_exit_loss K5 C1000 B8192 fp32: fraction of copy bandwidth", 0.80,
+           numerator=_kd_case("triton", 8192, dtype="fp32"), metric="fraction_of_copy_bw"),
+    Target("ge_backward imagenet_b256_384x7x7 bf16: fraction of copy bandwidth", 0.80,
+           numerator={"bench": "ge_backward", "provider": "split_fused", "shape_name": "imagenet_b256_384x7x7",
+                      "dtype": "bf16", "channels_last": False},
+           metric="fraction_of_copy_bw", note="3 units: read g_head, g_next, write dL/dh"),
+    Target("multi_exit_loss host cost per call (launch stubbed) vs eager PyTorch, CPU", 0.25,
+           numerator={"bench": "host_cost", "provider": "triton_stubbed"}, metric="ratio_vs_eager_interleaved",
+           higher_is_better=False,
+           note="CPU proxy for the host-bound B = 256 case (issue #9 item 2); eager and fused timed in "
+                "alternating blocks, since separate medians on a shared CPU see different load"),
+    # ---- input pipelines (issue #13); owner: data helper.  Goals are for the GPU box (16 cores, H200);
+    # the CPU cases also run here (DALI in CPU mode), where the ratios are informational.
+    Target("photos 500x375 train transform: DALI vs torchvision DataLoader images/s", 3.0,
+           numerator={"bench": "loaders", "loader": "dali", "transform": "train"},
+           denominator={"bench": "loaders", "loader": "torchvision", "transform": "train"}, metric="images_per_s",
+           note="torchvision: ImageFolder + PIL, pinned, persistent workers; DALI: nvJPEG on CUDA"),
+    Target("photos 500x375 eval transform: DALI vs torchvision DataLoader images/s", 3.0,
+           numerator={"bench": "loaders", "loader": "dali", "transform": "eval"},
+           denominator={"bench": "loaders", "loader": "torchvision", "transform": "eval"}, metric="images_per_s"),
+    Target("MSDNet-ImageNet step 4 bf16 train step fed by DALI vs synthetic on-device data", 0.95,
+           numerator={"bench": "loaders", "feed": "dali"}, denominator={"bench": "loaders", "feed": "synthetic"},
+           metric="images_per_s", note="GPU only"),
+    Target("CIFAR-shaped train loader: device backend vs DataLoader images/s", 1.0,
+           numerator={"bench": "loaders", "loader": "device", "data": "cifar"},
+           denominator={"bench": "loaders", "loader": "dataloader", "data": "cifar"}, metric="images_per_s"),
+    Target("MNIST train loader: device backend vs DataLoader images/s", 1.0,
+           numerator={"bench": "loaders", "loader": "device", "data": "mnist"},
+           denominator={"bench": "loaders", "loader": "dataloader", "data": "mnist"}, metric="images_per_s"),
+]
