@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import train
+from imta_fast.train import trainer
 from imta_fast.train.checkpoint import load_checkpoint
+from imta_fast.train.methods.base import CrossEntropyMethod
 from imta_fast.data import has_dali
 from imta_fast.data.fake import write_fake_image_folder
 
@@ -38,17 +40,17 @@ def assert_same_weights(a, b):
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, workers):
     assert run(tmp_path / "full", "--epochs", "3", "-j", workers) == 0
-    real_epoch = train.train_one_epoch
+    real_epoch = trainer.train_one_epoch
 
     def dies_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:  # the epoch argument
+        if kwargs["epoch"] == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_epoch_2)
     assert run(tmp_path / "cut", "--epochs", "3", "-j", workers) == 130
     assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 1
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
     assert run(tmp_path / "cut", "--epochs", "3", "--resume", "auto", "-j", workers) == 0
     assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "cut" / "last.pt")
     rows = (tmp_path / "cut" / "summary.csv").read_text().strip().splitlines()
@@ -130,8 +132,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, m
     assert run(tmp_path / "r", "--epochs", "1") == 0
     good = weights(tmp_path / "r" / "last.pt")
     capsys.readouterr()
-    real_loss = train.compute_loss
-    monkeypatch.setattr(train, "compute_loss", lambda *a: (lambda l, z: (l * float("nan"), z))(*real_loss(*a)))
+    real_loss = CrossEntropyMethod.loss
+    monkeypatch.setattr(CrossEntropyMethod, "loss",
+                        lambda self, *a: (lambda l, z: (l * float("nan"), z))(*real_loss(self, *a)))
     rc = run(tmp_path / "r", "--epochs", "2", "--resume", "auto")
     assert "non-finite loss at global step 3 " in one_line_error(capsys, rc)
     after = load_checkpoint(str(tmp_path / "r" / "last.pt"))

@@ -91,16 +91,21 @@ class IMTANet(nn.Module):
         return (xs, z), z
 
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        xs = self.backbone.forward_stem(x)
+        # The backbone is frozen, so it runs without autograd: nothing of it is kept for backward and
+        # only the new heads and ISC modules build a graph (values are bit-identical either way; with
+        # backbone_bn='train' its BN layers still use batch statistics and update running stats).
+        with torch.no_grad():
+            xs = self.backbone.forward_stem(x)
         new_logits: List[torch.Tensor] = []
         prior: Optional[torch.Tensor] = None
         teacher = None
         for k in range(self.num_exits):
-            xs, head_in = self.backbone.forward_block(k, xs)
-            if k == self.num_exits - 1:
-                teacher, feat = self.backbone.heads[k](head_in)
-            else:
-                feat = self.backbone.heads[k].features(head_in).flatten(1)
+            with torch.no_grad():
+                xs, head_in = self.backbone.forward_block(k, xs)
+                if k == self.num_exits - 1:
+                    teacher, feat = self.backbone.heads[k](head_in)
+                else:
+                    feat = self.backbone.heads[k].features(head_in).flatten(1)
             prior = self._new_logits(k, feat, prior)
             new_logits.append(prior)
-        return new_logits, teacher.detach()
+        return new_logits, teacher

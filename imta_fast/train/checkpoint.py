@@ -3,8 +3,13 @@
 A checkpoint is a plain dict that loads with ``torch.load(..., weights_only=True)``, so resuming never
 unpickles arbitrary code::
 
-    {model, optimizer, scheduler, epoch, step, rng, config, split_sha256, metrics, format_version,
-     scaler?, ema?}
+    {model, optimizer, scheduler, epoch, step, rng, config, split_sha256, metrics, model_kwargs,
+     format_version, scaler?, method?, ema?}
+
+The schema has one owner, this module: the trainer hands :func:`payload_from_states` a mapping of
+*stateful* objects (anything with ``state_dict``/``load_state_dict``: model, optimiser, schedule,
+grad scaler, training method) plus a :class:`TrainState` (epoch, step, hold-out metrics), and
+:func:`restore_states` loads a payload back into the same objects (torchtitan's ``states`` pattern).
 
 Writes go to a temp file in the target directory, are fsynced, then ``os.replace``d onto the target:
 a crash leaves either the old file or the new one, never a truncated one. ``CheckpointManager`` keeps
@@ -20,6 +25,7 @@ import os
 import random
 import re
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -29,7 +35,8 @@ import torch.nn as nn
 from imta_fast.fileio import atomic_copy, atomic_torch_save
 
 __all__ = [
-    "FORMAT_VERSION", "REQUIRED_KEYS", "CheckpointError", "CheckpointManager", "build_payload", "capture_rng_state",
+    "FORMAT_VERSION", "REQUIRED_KEYS", "CheckpointError", "CheckpointManager", "ModelState", "TrainState",
+    "build_payload", "capture_rng_state", "payload_from_states", "restore_states",
     "check_resume_compatible", "clean_state_dict", "load_checkpoint", "load_model_state", "model_state_dict",
     "restore_rng_state", "save_checkpoint", "unwrap_model",
 ]
@@ -144,7 +151,8 @@ def restore_rng_state(state: Union[Dict[str, Any], Sequence[Dict[str, Any]]], ra
 # ----------------------------------------------------------------------------------------------------------------
 def build_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, step: int,
                   config: Mapping[str, Any], split_sha256: str = "", metrics: Optional[Mapping[str, Any]] = None,
-                  rng: Any = None, scaler: Any = None, ema: Optional[nn.Module] = None) -> Dict[str, Any]:
+                  rng: Any = None, scaler: Any = None, ema: Optional[nn.Module] = None,
+                  model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Assemble the standard payload.
 
     Args:
@@ -156,6 +164,8 @@ def build_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         config: the resolved run config as plain types (``TrainConfig.to_dict()``).
         rng: defaults to ``capture_rng_state()`` of this process; pass a per-rank list under DDP.
         scaler / ema: optional fp16 GradScaler and EMA model, saved under ``scaler`` / ``ema``.
+        model_kwargs: what rebuilding the network needs besides ``config`` (num_classes, in_channels,
+            image_size): eval.py reads it.
     """
     payload = {
         "model": model_state_dict(model),
@@ -167,6 +177,7 @@ def build_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         "config": dict(config),
         "split_sha256": str(split_sha256),
         "metrics": dict(metrics or {}),
+        "model_kwargs": dict(model_kwargs or {}),
         "format_version": FORMAT_VERSION,
     }
     if scaler is not None:
@@ -174,6 +185,74 @@ def build_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     if ema is not None:
         payload["ema"] = model_state_dict(ema)
     return payload
+
+
+@dataclass
+class TrainState:
+    """Progress of a run: the last finished epoch, optimiser steps, hold-out top-1 (per exit, best last exit)."""
+
+    epoch: int = -1
+    step: int = 0
+    holdout_top1: List[float] = field(default_factory=list)
+    best_holdout_top1: float = -1.0
+
+    @property
+    def next_epoch(self) -> int:
+        return self.epoch + 1
+
+
+class ModelState:
+    """Adapts a (possibly DDP-wrapped / compiled) model to the stateful protocol with clean keys."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return model_state_dict(self.model)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_model_state(self.model, state)
+
+
+# Stateful entries saved when present; model, optimizer and scheduler are required.
+_REQUIRED_STATES = ("model", "optimizer", "scheduler")
+_OPTIONAL_STATES = ("scaler", "method")
+
+
+def payload_from_states(states: Mapping[str, Any], train: TrainState, *, config: Mapping[str, Any],
+                        split_sha256: str, model_kwargs: Mapping[str, Any], rng: Any) -> Dict[str, Any]:
+    """The checkpoint payload of a run: ``states[name].state_dict()`` for each stateful object, plus
+    progress, config, data split, model kwargs and per-rank RNG.  A disabled GradScaler and a method
+    without state are left out (so a ce run's file has exactly the keys it always had)."""
+    unknown = set(states) - set(_REQUIRED_STATES) - set(_OPTIONAL_STATES)
+    if unknown:
+        raise TypeError(f"unknown checkpoint states {sorted(unknown)}")
+    scaler = states.get("scaler")
+    payload = build_payload(model=states["model"].model if isinstance(states["model"], ModelState) else states["model"],
+                            optimizer=states["optimizer"], scheduler=states["scheduler"], epoch=train.epoch,
+                            step=train.step, config=config, split_sha256=split_sha256, rng=rng,
+                            scaler=scaler if scaler is not None and scaler.is_enabled() else None,
+                            metrics={"holdout_top1": list(train.holdout_top1),
+                                     "best_holdout_top1": train.best_holdout_top1},
+                            model_kwargs=model_kwargs)
+    method_state = states["method"].state_dict() if "method" in states else {}
+    if method_state:
+        payload["method"] = method_state
+    return payload
+
+
+def restore_states(payload: Mapping[str, Any], states: Mapping[str, Any]) -> TrainState:
+    """Load a payload into ``states`` (same names as saved); returns the run's :class:`TrainState`."""
+    for name in _REQUIRED_STATES:
+        states[name].load_state_dict(payload[name])
+    if "scaler" in payload and "scaler" in states:
+        states["scaler"].load_state_dict(payload["scaler"])
+    if "method" in states:
+        states["method"].load_state_dict(payload.get("method", {}))
+    metrics = payload["metrics"]
+    return TrainState(epoch=int(payload["epoch"]), step=int(payload["step"]),
+                      holdout_top1=list(metrics.get("holdout_top1", [])),
+                      best_holdout_top1=float(metrics["best_holdout_top1"]))
 
 
 # Types torch's weights_only unpickler accepts without extra allow-listing.

@@ -66,3 +66,37 @@ def test_staged_execution_matches_forward_and_costs_count_new_heads():
     new_params = sum(p.numel() for p in list(net.classifiers.parameters()) + list(net.isc.parameters()))
     ge_linears = sum(p.numel() for h in net.backbone.heads for p in h.linear.parameters())
     assert imta.params[-1] == base.params[-1] + new_params - ge_linears  # GE Linears skipped at inference
+
+
+@pytest.mark.parametrize("backbone_bn", ["train", "eval"])
+def test_frozen_backbone_keeps_no_graph_and_matches_a_grad_enabled_backbone(backbone_bn):
+    """Stage 2 runs the backbone without autograd; logits, BN statistics and head gradients are
+    bit-identical to running it with autograd on, and the graph holds only head/ISC nodes."""
+    import copy
+
+    net = _net(backbone_bn=backbone_bn).train()
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    logits, teacher = net(x)
+    # the twin: the same recurrence with the backbone under autograd (what the code did before)
+    xs, prior, ref = twin.backbone.forward_stem(x), None, []
+    for k in range(twin.num_exits):
+        xs, head_in = twin.backbone.forward_block(k, xs)
+        if k == twin.num_exits - 1:
+            ref_teacher, feat = twin.backbone.heads[k](head_in)
+        else:
+            feat = twin.backbone.heads[k].features(head_in).flatten(1)
+        prior = twin._new_logits(k, feat, prior)
+        ref.append(prior)
+    for a, b in zip(logits, ref):
+        assert torch.equal(a, b)
+    assert torch.equal(teacher, ref_teacher)
+    sum(F.cross_entropy(z, y) for z in logits).backward()
+    sum(F.cross_entropy(z, y) for z in ref).backward()
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(net.backbone.named_buffers(), twin.backbone.buffers()):
+        assert torch.equal(b, c), name
+    assert all(p.grad is None for p in net.backbone.parameters())

@@ -8,7 +8,8 @@ import torch.nn as nn
 from imta_fast.distributed import DistInfo
 from imta_fast.inference.protocol import anytime_accuracy
 from imta_fast.models.build import build_model
-from imta_fast.train.engine import apply_sync_bn, build_lr_schedule, build_optimizer
+from imta_fast.train.optim import build_lr_schedule, build_optimizer
+from imta_fast.train.parallel import apply_sync_bn
 
 
 def lrs(kind, epochs=4, steps=3, milestones=(2, 3)):
