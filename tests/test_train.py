@@ -37,8 +37,9 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers,backend", [("0", "pytorch"), ("2", "pytorch"), ("0", "device")])
+def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, workers, backend):
+    run = lambda out, *extra: train.main(FAST + ["--output", str(out), "--data-backend", backend, *extra])  # noqa: E731
     assert run(tmp_path / "full", "--epochs", "3", "-j", workers) == 0
     real_epoch = trainer.train_one_epoch
 

@@ -25,8 +25,8 @@ DATASET_DEFAULTS = {
     "cifar100": ("msdnet_cifar_anytime", 5000, 3.0, 0.9),
     "imagenet": ("msdnet_imagenet_step4", 50000, 1.0, 0.1),
 }
-METHODS = ("ce", "ge", "imta")
-DATA_BACKENDS = ("pytorch", "dali")
+METHODS = ("ce", "ge", "imta", "distill", "l2w")  # distill / l2w: docs/method.md §10, §11
+DATA_BACKENDS = ("auto", "pytorch", "dali", "device")
 
 
 def flag(default: Any, help: str, *names: str, group: str = "engine", **argparse_kwargs) -> Any:
@@ -45,8 +45,12 @@ class TrainConfig:
     holdout_transform: str = flag("train", "augmentation of the hold-out split; 'train' reproduces the reference, "
                                            "'eval' is cleaner", group="data", choices=["train", "eval"])
     workers: int = flag(0, "data loading worker processes", "-j", "--workers", group="data", type=int)
-    data_backend: str = flag("pytorch", "loader: torchvision, or NVIDIA DALI (GPU JPEG decode; CPU mode without "
-                                        "CUDA)", group="data", choices=list(DATA_BACKENDS))
+    data_backend: str = flag("pytorch", "loader for every split: pytorch (DataLoader), dali (NVIDIA DALI: nvJPEG "
+                                        "on CUDA, CPU mode without), device (uint8 dataset held on the device, "
+                                        "batched augmentation; in-memory datasets), auto (dali for image folders "
+                                        "on CUDA, else pytorch)", group="data", choices=list(DATA_BACKENDS))
+    skip_corrupt: bool = flag(False, "skip and count unreadable images instead of stopping with an error",
+                              group="data", action="store_true")
     image_size: Optional[int] = flag(None, "ImageFolder crop size (default 224)", group="data", type=int)
     # model / method
     model: Optional[str] = flag(None, "named config (see imta_fast.models.list_models()); dataset default",
@@ -92,6 +96,37 @@ class TrainConfig:
     log_interval: int = flag(50, "steps between loss checks / progress updates", type=int)
     max_steps_per_epoch: int = flag(0, argparse.SUPPRESS, type=int)  # 0: whole epoch (smaller: smoke tests)
     progress: bool = flag(True, "plain log lines, no progress bars", "--no-progress", action="store_false")
+    # --- distill / l2w (docs/method.md §10, §11; owned by the distill/l2w methods) ---
+    distill_c: float = flag(0.5, "distill: weight C; early exits (1-C) CE + C T^2 soft-CE, last exit (1-C) CE",
+                            group="distill / l2w", type=float)
+    distill_temperature: Optional[float] = flag(None, "distill: a fixed temperature T; default: annealed from 1",
+                                                group="distill / l2w", type=float)
+    distill_anneal_factor: float = flag(1.05, "distill: T is multiplied by this after each step while the "
+                                              "teacher's batch-mean top probability at T exceeds the threshold",
+                                        group="distill / l2w", type=float)
+    distill_anneal_threshold: float = flag(0.5, "distill: teacher top-probability threshold of the annealing",
+                                           group="distill / l2w", type=float)
+    meta_interval: int = flag(1, "l2w: a meta step every N loaded batches (CIFAR reference 1, ImageNet 100)",
+                              group="distill / l2w", type=int)
+    meta_lr: float = flag(1e-4, "l2w: Adam lr of the weight network (scaled by the backbone's schedule factor)",
+                          group="distill / l2w", type=float)
+    meta_weight_decay: float = flag(1e-4, "l2w: Adam weight decay of the weight network", group="distill / l2w",
+                                    type=float)
+    meta_net_hidden: int = flag(500, "l2w: hidden units of the weight network (one hidden layer)",
+                                group="distill / l2w", type=int)
+    l2w_target_index: int = flag(15, "l2w: target exit distribution pi_k ~ q^k with q = index/20 (1..39)",
+                                 group="distill / l2w", type=int)
+    l2w_constraint: str = flag("sample", "l2w: centre the weight-network output per sample (CIFAR reference), over "
+                                         "the whole matrix (ImageNet reference) or per exit",
+                               group="distill / l2w", choices=["sample", "matrix", "exit"])
+    l2w_epsilon: float = flag(0.8, "l2w: weights w = 1 + eps (u - mean u) (CIFAR reference 0.8, ImageNet 0.3)",
+                              group="distill / l2w", type=float)
+    l2w_meta_grad: str = flag("jvp", "l2w: meta gradient by one forward-mode JVP (fast) or by double backward "
+                                     "(the reference's way); the same gradient",
+                              group="distill / l2w", choices=["jvp", "double-backward"])
+    dump_weights: bool = flag(False, "l2w: save every epoch's per-sample losses, confidences and weights to "
+                                     "OUTPUT/l2w/epochNNNN.pt", group="distill / l2w", action="store_true")
+    # --- end distill / l2w ---
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASET_DEFAULTS, f"--dataset must be one of {sorted(DATASET_DEFAULTS)}, "
@@ -114,6 +149,9 @@ class TrainConfig:
         _check(self.data_backend in DATA_BACKENDS, f"--data-backend must be one of {DATA_BACKENDS}")
         _check(self.data_backend != "dali" or self.dataset == "imagenet",
                f"--data-backend dali reads ImageFolder JPEGs: use it with --dataset imagenet, not {self.dataset!r}")
+        _check(self.data_backend != "device" or self.dataset != "imagenet",
+               "--data-backend device holds an in-memory dataset on the device (mnist, digits, cifar10/100); "
+               "for ImageFolder JPEGs use dali or pytorch")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
-from imta_fast.data import build_dali_loader, build_data, build_eval_loader, build_train_loader, samples_of
+from imta_fast.data import build_data, make_loader
 from imta_fast.distributed import DistInfo, all_gather_object, barrier, init_distributed, seed_everything
 from imta_fast.inference.predict import predict
 from imta_fast.inference.protocol import anytime_accuracy
@@ -76,20 +76,16 @@ def prepare_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
 
 
 def build_train_loaders(cfg: TrainConfig, data, dist: DistInfo):
-    """(train loader, its sampler or None, hold-out loader)."""
-    if cfg.data_backend == "dali":  # decode + augment on the GPU (nvJPEG), CPU mode without CUDA
-        train_loader, sampler = build_dali_loader(
-            samples_of(data.train), batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-            device_id=dist.device.index if dist.device.type == "cuda" else None, shard_id=dist.rank,
-            num_shards=dist.world_size, image_size=data.info.image_size, mean=data.info.mean, std=data.info.std,
-            num_threads=max(cfg.workers, 2), channels_last=cfg.channels_last), None
-    else:
-        train_loader, sampler = build_train_loader(data.train, cfg.batch_size, cfg.workers, cfg.seed, dist)
-    holdout_loader = build_eval_loader(data.holdout, cfg.batch_size * 2, cfg.workers, dist)
+    """(train loader, hold-out loader) of the chosen backend (``--data-backend``, see imta_fast.data.backends)."""
+    common = dict(backend=cfg.data_backend, workers=cfg.workers, seed=cfg.seed, dist=dist,
+                  skip_corrupt=cfg.skip_corrupt)
+    train_loader = make_loader(data.train, train=True, batch_size=cfg.batch_size, channels_last=cfg.channels_last,
+                               **common)
+    holdout_loader = make_loader(data.holdout, train=False, batch_size=cfg.batch_size * 2, **common)
     if len(train_loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train) // dist.world_size} "
                           f"training images per process: no full batch to train on")
-    return train_loader, sampler, holdout_loader
+    return train_loader, holdout_loader
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -102,7 +98,7 @@ def train(cfg: TrainConfig) -> dict:
     # Data: the train / hold-out split is saved in the run dir and reloaded on resume and in eval.py.
     data = build_data(cfg.dataset, cfg.data_dir, split_path=str(out / "split.json"), holdout_size=cfg.holdout_size,
                       holdout_transform=cfg.holdout_transform, seed=cfg.seed, image_size=cfg.image_size)
-    train_loader, train_sampler, holdout_loader = build_train_loaders(cfg, data, dist)
+    train_loader, holdout_loader = build_train_loaders(cfg, data, dist)
     if cfg.holdout_size == 0:
         log.warning("--holdout-size 0: the hold-out is the test split, so best.pt and exit thresholds are "
                     "chosen on test (the reference without --use-valid)")
@@ -157,8 +153,7 @@ def train(cfg: TrainConfig) -> dict:
     epochs = tqdm(range(state.next_epoch, cfg.epochs), desc="epochs", initial=state.next_epoch, total=cfg.epochs,
                   disable=not progress, dynamic_ncols=True)
     for epoch in epochs:
-        if train_sampler is not None:  # DALI reshuffles by itself
-            train_sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # the epoch's order and augmentation draws: f(seed, epoch, rank)
         stats, step = train_one_epoch(ctx, method, train_loader, epoch=epoch, start_step=state.step,
                                       max_steps=cfg.max_steps_per_epoch, log_interval=cfg.log_interval,
                                       progress=progress)
@@ -168,6 +163,9 @@ def train(cfg: TrainConfig) -> dict:
         state = TrainState(epoch=epoch, step=step, holdout_top1=holdout_top1,
                            best_holdout_top1=max(state.best_holdout_top1, holdout_top1[-1]))
         method_metrics = method.epoch_metrics()
+        if train_loader.skipped:
+            log.warning("%d unreadable image(s) skipped so far (--skip-corrupt), e.g. %s", len(train_loader.skipped),
+                        train_loader.skipped[0])
         rng = all_gather_object(capture_rng_state())  # every rank's generators, restored per rank
         if dist.is_primary:
             ckpt.save(payload_from_states(states, state, config=cfg.to_dict(), split_sha256=data.split.sha256,
