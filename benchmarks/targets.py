@@ -34,6 +34,10 @@ def _kd_case(provider: str, B: int, C: int = 1000, dtype: str = "bf16") -> Dict[
     return {"bench": "multi_exit_loss", "provider": provider, "K": 5, "B": B, "C": C, "dtype": dtype, "teacher": True}
 
 
+def _train(case: str) -> Dict[str, object]:
+    return {"bench": "train", "case": case}
+
+
 TARGETS: List[Target] = [
     # ---- kernels (issue #9); owner: kernels helper.  GPU goals are for an H100/H200.
     Target("multi_exit_loss K5 C1000 B256 fwd+bwd: triton vs eager", 15.0,
@@ -73,4 +77,19 @@ TARGETS: List[Target] = [
     Target("MNIST train loader: device backend vs DataLoader images/s", 1.0,
            numerator={"bench": "loaders", "loader": "device", "data": "mnist"},
            denominator={"bench": "loaders", "loader": "dataloader", "data": "mnist"}, metric="images_per_s"),
+    # ---- training speed (issue #14); owner: bench_train.  Goals for an H100/H200, MSDNet ImageNet step 4,
+    # B = 256, synthetic data on the GPU; a CPU run of bench_train measures the same ratios on a small model.
+    Target("train MSDNet full settings vs reference-style, images/s", 4.0,
+           numerator=_train("fused_optim"), denominator=_train("reference"), metric="images_per_s"),
+    Target("train MSDNet vs ResNet-50 at full settings, images/s", 1.2,
+           numerator=_train("fused_optim"), denominator=_train("resnet50"), metric="images_per_s"),
+    Target("train DDP world size 1 vs no DDP, images/s", 0.97,
+           numerator=_train("ddp_ws1"), denominator=_train("fused_optim"), metric="images_per_s"),
+    Target("train IMTA stage 2 (backbone BN train) vs stage 1, images/s", 2.5,
+           numerator=_train("stage2_bn_train"), denominator=_train("fused_optim"), metric="images_per_s"),
+    Target("train IMTA stage 2 (backbone BN eval) vs stage 1, images/s", 2.5,
+           numerator=_train("stage2_bn_eval"), denominator=_train("fused_optim"), metric="images_per_s"),
+    Target("train IMTA stage 2 vs stage 1 peak memory", 0.5,
+           numerator=_train("stage2_bn_train"), denominator=_train("fused_optim"), metric="peak_mem_mb",
+           higher_is_better=False),
 ]
