@@ -1,138 +1,196 @@
-"""Early-exit evaluator vs the full network: ImageNet MSDNet step 4, random weights, GPU only.
+"""Early-exit evaluator vs the full network: wall-clock speedup against FLOPs speedup, exit agreement
+with the simulated protocol, and the measured latency model's error (issue #10; docs/method.md §13).
 
-    pytest benchmarks/bench_evaluator.py --benchmark-only [--benchmark-autosave]
-    IMTA_BENCH_COMPILE=1 pytest ...   # also torch.compile'd stages (minutes of compile time)
+    pytest benchmarks/bench_evaluator.py --benchmark-only [--benchmark-json=out.json]
+    python -m benchmarks.bench_evaluator [--model msdnet_mnist] [--batch-size 1024] [--repeats 5]  # prints the table
 
-Setup per batch size B in {256, 1024}: bf16 autocast, channels_last model and input.  For each
-budget q the thresholds are fitted (``fit_thresholds``) on the random-weight confidences of the
-same batch, so the evaluator realises the geometric exit fractions ``π_k ∝ q^k`` on it.  Random
-weights give meaningless accuracy but real per-stage costs, which is what is measured here.
+Cases: CPU (marked ``cpu_bench``: they run without CUDA): ``msdnet_cifar_anytime`` (3x32x32) and
+``msdnet_mnist`` (1x28x28), B = 1024, fp32, one thread (``torch.set_num_threads(1)``; pin the process
+with ``taskset -c N`` on a shared box), eager stages, channels_last, Conv+BN folded, no buckets.  GPU (CUDA only): the
+same models and ``msdnet_imagenet_step4``, B in {256, 1024}, bf16 autocast, channels_last, Conv+BN
+folded, eager and CUDA graphs (buckets of 64 rows).  Random weights: meaningless accuracy, real per-stage costs.
 
-``extra_info``: target and realised exit fractions, expected MACs (cumulative per-exit MACs of
-spec §1.8, MSD op_counter convention), FLOPs speedup = full MACs / expected MACs, wall-clock
-speedup = full-network median / early-exit median (same impl: eager vs eager, graphs vs graphs),
-images/s.  Groups: one per (B, impl), holding the full network and every budget.
+Per case and budget q (thresholds fitted with ``fit_thresholds`` on the random-weight confidences of
+the same batch, so the exits realise ``π_k ∝ q^k``):
+
+- FLOPs speedup = full MACs / expected MACs of the realised exits (``imta_fast.flops``);
+- wall-clock speedup = full-network median / early-exit median; both are whole evaluator calls timed
+  the same way (perf_counter + device sync around the call), interleaved, after an untimed round that
+  runs every shape (``imta_fast.inference.timing.time_interleaved``); the spread (IQR / median) is kept;
+- exit agreement = fraction of samples whose exit equals the simulated protocol's on the same logits;
+- latency-model error = |predicted - measured| / measured, prediction from
+  ``measure_costs_and_time`` (no-exit profiles at B, B/2, ..., B/16, interleaved with the timed
+  rounds so both see the same machine load) and the realised exits.
+
+``extra_info`` (one benchmark per case; the timed call is the middle budget): ``budgets`` (the rows
+above), ``min_clock_over_flops`` (worst wall-clock / FLOPs speedup over budgets whose FLOPs speedup is
+>= 1.5), ``min_exit_agreement``, ``max_latency_model_error``, ``stage_time_shares`` /
+``stage_mac_shares`` of the full network.  Targets: benchmarks/targets.py ("early exit" entries).
 """
 from __future__ import annotations
 
-import functools
+import argparse
 import os
 import statistics
+from typing import Dict, Optional
 
 import pytest
 import torch
 
-from imta_fast.inference.protocol import confidences_and_predictions, exit_fractions, fit_thresholds
-from imta_fast.inference.evaluator import EarlyExitEvaluator, time_full_network
+from imta_fast.flops import count_exit_costs
+from imta_fast.inference.evaluator import EarlyExitEvaluator
+from imta_fast.inference.latency import measure_costs_and_time, predict_batches_ms
+from imta_fast.inference.protocol import confidences_and_predictions, exit_fractions, exit_indices, fit_thresholds
 from imta_fast.models import create_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
-
-MODEL = "msdnet_imagenet_step4"
-# Cumulative per-exit MACs (millions) of ImageNet step 4, spec §1.8 (op_counter convention).
-MACS_STEP4 = [339.90, 685.46, 1008.16, 1254.47, 1360.53]
-BATCH_SIZES = (256, 1024)
-QS = (0.25, 0.5, 1.0, 2.0)
-IMPLS = ("eager", "cuda_graphs") + (("compile",) if os.environ.get("IMTA_BENCH_COMPILE") == "1" else ())
-ROUNDS, WARMUP = 10, 3
+SHAPES = {"msdnet_cifar_anytime": (3, 32, 32), "msdnet_mnist": (1, 28, 28), "msdnet_imagenet_step4": (3, 224, 224)}
+QS = (0.25, 0.5, 0.75, 1.0, 1.5)
+MIN_FLOPS_SPEEDUP = 1.5
+REPEATS = int(os.environ.get("IMTA_BENCH_EE_REPEATS", "5"))
 
 
-class _Setup:
-    """Model, input and evaluators for one batch size (built once per module)."""
-
-    def __init__(self, batch_size: int):
-        torch.manual_seed(0)
-        torch.backends.cudnn.benchmark = True
-        self.batch_size = batch_size
-        self.model = create_model(MODEL).cuda().eval().to(memory_format=torch.channels_last)
-        self.x = torch.randn(batch_size, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, _ = self.model(self.x)
-        self.conf, _ = confidences_and_predictions(logits)
-        self._evaluators = {}
-        self._full_ms = {}
-
-    def thresholds(self, q: float) -> torch.Tensor:
-        return fit_thresholds(self.conf.cpu(), exit_fractions(q, len(MACS_STEP4)))
-
-    def evaluator(self, impl: str) -> EarlyExitEvaluator:
-        if impl not in self._evaluators:
-            self._evaluators[impl] = EarlyExitEvaluator(
-                self.model, amp_dtype=torch.bfloat16, channels_last=True, buckets="pow2",
-                cuda_graphs=impl == "cuda_graphs", compile=impl == "compile", timing=False)
-        return self._evaluators[impl]
-
-    def full_ms(self, impl: str) -> float:
-        if impl not in self._full_ms:
-            self._full_ms[impl] = time_full_network(self.evaluator(impl), self.x, repeats=ROUNDS, warmup=WARMUP)
-        return self._full_ms[impl]
-
-
-@pytest.fixture(scope="module")
-def bench_setup():
-    return functools.lru_cache(maxsize=None)(_Setup)
-
-
-def _synced(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def _median_ms(benchmark) -> float:
-    try:
-        return 1e3 * benchmark.stats.stats.median
-    except AttributeError:  # pytest-benchmark disabled (--benchmark-disable)
-        return float("nan")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch_size", BATCH_SIZES)
-def test_full_network(benchmark, bench_setup, batch_size, impl):
-    s = bench_setup(batch_size)
-    ev = s.evaluator(impl)
-    benchmark.group = f"evaluator B={batch_size} {impl}"
-    benchmark.pedantic(_synced(lambda: ev.full_network(s.x)), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    ms = _median_ms(benchmark)
-    benchmark.extra_info.update(model=MODEL, batch_size=batch_size, impl=impl, q=None, expected_macs=MACS_STEP4[-1],
-                                flops_speedup=1.0, wallclock_speedup=1.0, images_per_s=1e3 * batch_size / ms)
-
-
-@pytest.mark.parametrize("q", QS)
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch_size", BATCH_SIZES)
-def test_early_exit(benchmark, bench_setup, batch_size, impl, q):
-    s = bench_setup(batch_size)
-    ev = s.evaluator(impl)
-    thr = s.thresholds(q)
-    ev.thresholds = thr  # cached on the device: no per-call host-to-device copy
-    out = ev(s.x)  # also captures / compiles the buckets this budget uses
-    counts = torch.bincount(out.exit_index, minlength=len(MACS_STEP4)).cpu()
-    realised = (counts.double() / batch_size).tolist()
-    expected = sum(f * m for f, m in zip(realised, MACS_STEP4))
-    benchmark.group = f"evaluator B={batch_size} {impl}"
-    benchmark.pedantic(_synced(lambda: ev(s.x)), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    ms = _median_ms(benchmark)
-    full = s.full_ms(impl)
-    benchmark.extra_info.update(
-        model=MODEL, batch_size=batch_size, impl=impl, q=q,
-        target_fractions=exit_fractions(q, len(MACS_STEP4)).tolist(), exit_fractions=realised,
-        active_per_stage=out.active, rows_per_stage=out.computed,
-        expected_macs=expected, flops_speedup=MACS_STEP4[-1] / expected,
-        full_network_ms=full, early_exit_ms=ms, wallclock_speedup=full / ms, images_per_s=1e3 * batch_size / ms,
-        stage_ms_profiled=_profile_stages(s, impl),
-    )
+def measure_case(model_name: str, batch_size: int, device: str = "cpu", *, impl: str = "eager", amp: bool = False,
+                 channels_last: bool = True, threads: Optional[int] = 1, qs=QS, repeats: int = REPEATS,
+                 buckets=None, fold_bn: bool = False, seed: int = 0) -> Dict[str, object]:
+    """Everything the benchmark records for one case (see the module docstring)."""
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = create_model(model_name).eval()
+    macs = count_exit_costs(model, SHAPES[model_name]).macs_m
+    model = model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, *SHAPES[model_name], device=dev)
+    amp_dtype = torch.bfloat16 if amp else None
+    ev = EarlyExitEvaluator(model, buckets=buckets, cuda_graphs=impl == "cuda_graphs", compile=impl == "compile",
+                            amp_dtype=amp_dtype, channels_last=channels_last, fold_bn=fold_bn, timing=False)
+    K = ev.num_exits
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+        xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        logits, _ = model(xs)
+    conf, _ = confidences_and_predictions(logits)
+    conf = conf.cpu()
+    taus = {q: fit_thresholds(conf, exit_fractions(q, K)).to(dev) for q in qs}
+    outs = {q: ev(x, t) for q, t in taus.items()}  # exits; also runs every shape once
+    fns = {"full": lambda: ev.full_network(x)}
+    fns.update({q: (lambda t: lambda: ev(x, t))(t) for q, t in taus.items()})
+    # the latency model's profiles run interleaved with the timed contenders (same load conditions)
+    costs, stats = measure_costs_and_time(ev, x, fns, batch_sizes=[max(1, batch_size // d) for d in (1, 2, 4, 8, 16)],
+                                          repeats=repeats, warmup=1)
+    full = stats["full"]
+    rows = []
+    for q in qs:
+        idx = outs[q].exit_index.cpu()
+        frac = (torch.bincount(idx, minlength=K).double() / batch_size).tolist()
+        expected = sum(f * m for f, m in zip(frac, macs))
+        st = stats[q]
+        pred_ms = predict_batches_ms(idx, costs, batch_size)
+        measured = st.median_ms / batch_size
+        rows.append({
+            "q": q, "exit_fractions": frac, "flops_speedup": macs[-1] / expected,
+            "wallclock_speedup": full.median_ms / st.median_ms,
+            "clock_over_flops": (full.median_ms / st.median_ms) / (macs[-1] / expected),
+            "ms_per_image": measured, "spread": st.spread, "predicted_ms_per_image": pred_ms,
+            "latency_model_error": abs(pred_ms - measured) / measured,
+            "exit_agreement": (idx == exit_indices(conf, taus[q].cpu())).double().mean().item(),
+            "rows_per_stage": outs[q].computed,
+        })
+    prof = [ev.profile(x) for _ in range(3)]
+    stage_ms = [statistics.median(p.stage_ms[k] for p in prof) for k in range(K)]
+    own = [m - (macs[k - 1] if k else 0.0) for k, m in enumerate(macs)]
+    eligible = [r["clock_over_flops"] for r in rows if r["flops_speedup"] >= MIN_FLOPS_SPEEDUP]
+    return {
+        "bench": "early_exit", "model": model_name, "batch_size": batch_size, "device": dev.type, "impl": impl,
+        "dtype": "bf16" if amp else "fp32", "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "channels_last": channels_last, "buckets": buckets, "fold_bn": fold_bn,
+        "full_ms_per_image": full.median_ms / batch_size, "full_spread": full.spread,
+        "budgets": rows,
+        "min_clock_over_flops": min(eligible) if eligible else float("nan"),
+        "min_exit_agreement": min(r["exit_agreement"] for r in rows),
+        "max_latency_model_error": max(r["latency_model_error"] for r in rows),
+        "stage_time_shares": [t / sum(stage_ms) for t in stage_ms],
+        "stage_mac_shares": [o / macs[-1] for o in own],
+        "_ev": ev, "_x": x, "_tau": taus[qs[len(qs) // 2]],
+    }
 
 
-def _profile_stages(s: _Setup, impl: str) -> list:
-    """Median per-stage ms (CUDA events) over a few extra runs of the benchmarked evaluator."""
-    ev = s.evaluator(impl)
-    ev.timing = True
-    try:
-        runs = [ev(s.x) for _ in range(5)]
-    finally:
-        ev.timing = False
-    return [statistics.median(r.stage_ms[k] for r in runs) for k in range(len(MACS_STEP4))]
+def format_case(r: Dict[str, object]) -> str:
+    head = (f"{r['model']} B={r['batch_size']} {r['device']} {r['impl']} {r['dtype']} threads={r['threads']} "
+            f"channels_last={r['channels_last']} fold_bn={r['fold_bn']} buckets={r['buckets']}: full {r['full_ms_per_image']:.4f} ms/img "
+            f"(IQR {100 * r['full_spread']:.1f}%)")
+    lines = [head, f"{'q':>5} {'FLOPs x':>8} {'clock x':>8} {'ratio':>6} {'ms/img':>8} {'IQR%':>5} {'pred':>8} "
+                   f"{'err%':>5} {'agree':>7}"]
+    for b in r["budgets"]:
+        lines.append(f"{b['q']:>5.2f} {b['flops_speedup']:>8.2f} {b['wallclock_speedup']:>8.2f} "
+                     f"{b['clock_over_flops']:>6.2f} {b['ms_per_image']:>8.4f} {100 * b['spread']:>5.1f} "
+                     f"{b['predicted_ms_per_image']:>8.4f} {100 * b['latency_model_error']:>5.1f} "
+                     f"{b['exit_agreement']:>7.4f}")
+    lines.append("stage time shares " + " ".join(f"{v:.3f}" for v in r["stage_time_shares"]))
+    lines.append("stage MAC shares  " + " ".join(f"{v:.3f}" for v in r["stage_mac_shares"]))
+    lines.append(f"min clock/FLOPs (FLOPs x >= {MIN_FLOPS_SPEEDUP}) {r['min_clock_over_flops']:.3f}, "
+                 f"min exit agreement {r['min_exit_agreement']:.4f}, max latency-model error "
+                 f"{100 * r['max_latency_model_error']:.1f}%")
+    return "\n".join(lines)
+
+
+def _record(benchmark, r: Dict[str, object]) -> None:
+    ev, x, tau = r["_ev"], r["_x"], r["_tau"]
+    sync = (lambda: torch.cuda.synchronize()) if x.device.type == "cuda" else (lambda: None)
+
+    def call():
+        ev(x, tau)
+        sync()
+
+    benchmark.group = f"early exit {r['device']} B={r['batch_size']} {r['impl']}"
+    benchmark.pedantic(call, rounds=3 if x.device.type == "cpu" else 20, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in r.items() if not k.startswith("_")})
+
+
+CPU_CASES = [("msdnet_cifar_anytime", 1024), ("msdnet_mnist", 1024)]
+GPU_CASES = [(m, b, impl) for m in ("msdnet_cifar_anytime", "msdnet_mnist", "msdnet_imagenet_step4")
+             for b in (256, 1024) for impl in ("eager", "cuda_graphs")]
+
+
+@pytest.mark.cpu_bench
+@pytest.mark.parametrize("model_name,batch_size", CPU_CASES)
+def test_early_exit_cpu(benchmark, model_name, batch_size):
+    r = measure_case(model_name, batch_size, "cpu", threads=1, fold_bn=True)
+    _record(benchmark, r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
+@pytest.mark.parametrize("model_name,batch_size,impl", GPU_CASES)
+def test_early_exit_gpu(benchmark, model_name, batch_size, impl):
+    torch.backends.cudnn.benchmark = True
+    r = measure_case(model_name, batch_size, "cuda", impl=impl, amp=True, threads=None,
+                     buckets=64 if impl == "cuda_graphs" else None, fold_bn=True, repeats=20)
+    _record(benchmark, r)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="CPU quick run of the early-exit benchmark (prints the table)")
+    p.add_argument("--model", nargs="+", default=[m for m, _ in CPU_CASES], choices=sorted(SHAPES))
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--buckets", default="none", help="none, pow2, stepN or a list (imta_fast.inference.buckets)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--impl", default="eager", choices=["eager", "compile", "cuda_graphs"])
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--fold-bn", action="store_true")
+    args = p.parse_args(argv)
+    from imta_fast.inference.buckets import parse_buckets
+
+    for m in args.model:
+        r = measure_case(m, args.batch_size, args.device, impl=args.impl, amp=args.amp, threads=args.threads,
+                         repeats=args.repeats, buckets=parse_buckets(args.buckets),
+                         channels_last=not args.no_channels_last, fold_bn=args.fold_bn)
+        print(format_case(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

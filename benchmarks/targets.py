@@ -92,4 +92,19 @@ TARGETS: List[Target] = [
     Target("train IMTA stage 2 vs stage 1 peak memory", 0.5,
            numerator=_train("stage2_bn_train"), denominator=_train("fused_optim"), metric="peak_mem_mb",
            higher_is_better=False),
+    # ---- early exit (issue #10); owner: bench_evaluator. CPU: 1 thread, fp32, channels_last, folded BN.
+    *[Target(f"early exit {m} CPU B1024: worst wall-clock/FLOPs speedup over budgets with FLOPs x >= 1.5", 0.8,
+             numerator={"bench": "early_exit", "model": m, "device": "cpu", "batch_size": 1024},
+             metric="min_clock_over_flops") for m in ("msdnet_cifar_anytime", "msdnet_mnist")],
+    *[Target(f"early exit {m} CPU B1024: exit agreement with the simulated protocol", 0.999,
+             numerator={"bench": "early_exit", "model": m, "device": "cpu", "batch_size": 1024},
+             metric="min_exit_agreement") for m in ("msdnet_cifar_anytime", "msdnet_mnist")],
+    *[Target(f"early exit {m} CPU B1024: latency-model error vs wall clock", 0.10,
+             numerator={"bench": "early_exit", "model": m, "device": "cpu", "batch_size": 1024},
+             metric="max_latency_model_error", higher_is_better=False)
+      for m in ("msdnet_cifar_anytime", "msdnet_mnist")],
+    *[Target(f"early exit {m} GPU B{b} bf16 CUDA graphs: worst wall-clock/FLOPs speedup", 0.8,
+             numerator={"bench": "early_exit", "model": m, "device": "cuda", "batch_size": b, "impl": "cuda_graphs"},
+             metric="min_clock_over_flops")
+      for m in ("msdnet_cifar_anytime", "msdnet_mnist", "msdnet_imagenet_step4") for b in (256, 1024)],
 ]

@@ -1,8 +1,10 @@
 """Accuracy plots for multi-exit networks (matplotlib, Agg backend, no pyplot global state).
 
-- :func:`plot_anytime`: per-exit top-1 against cumulative MACs (anytime protocol, spec §6).
-- :func:`plot_budgeted`: test accuracy against expected MACs over the budget sweep (spec §6).
+- :func:`plot_anytime`: per-exit top-1 against cumulative MACs (anytime protocol, docs/method.md §6).
+- :func:`plot_budgeted`: test accuracy against expected MACs over the budget sweep (docs/method.md §6).
 - :func:`plot_wallclock`: accuracy against measured ms/image next to accuracy against MACs.
+
+PNGs are written atomically (:func:`imta_fast.fileio.atomic_write`).
 
 Each takes ``runs: {label: (x values, accuracy values)}``, overlays the runs with a legend (e.g.
 ``'MSDNet (ce)'`` vs ``'IMTA'``), writes a PNG and returns the :class:`~matplotlib.figure.Figure`
@@ -10,11 +12,12 @@ Each takes ``runs: {label: (x values, accuracy values)}``, overlays the runs wit
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional, Sequence, Tuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from imta_fast.fileio import atomic_write
 
 __all__ = ["plot_anytime", "plot_budgeted", "plot_wallclock"]
 
@@ -40,8 +43,7 @@ def _draw(ax, runs: Mapping[str, Curve], marker: str, xlabel: str, ylabel: str) 
 
 def _save(fig: Figure, path: str) -> Figure:
     FigureCanvasAgg(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     return fig
 
 

@@ -84,3 +84,18 @@ def test_wallclock_mode_really_exits_and_matches_simulation(runs, capsys):
     for r in rows:  # real early exit gives the simulated accuracy
         assert float(r["test_top1"]) == pytest.approx(budget[r["q"]])
     assert (out / "wallclock.png").stat().st_size > 10_000
+
+
+def test_wallclock_streaming_and_options(runs, capsys):
+    """B = 1 without padding rows (exit agreement reported, not bit equality); stage shares in the CSV."""
+    out = runs / "stream"
+    assert evaluate.main([str(runs / "ge"), "--mode", "wallclock", "--wallclock-points", "1", "--repeats", "1",
+                          "--budget-points", "4", "--streaming", "--no-fold-bn", "--output", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "wallclock.csv")))
+    assert len(rows) == 1 and rows[0]["batch_size"] == "1"
+    assert float(rows[0]["parity_with_simulated"]) >= 0.95
+    for key in ("stage_time_shares", "stage_mac_shares"):
+        shares = [float(v) for v in rows[0][key].split()]
+        assert len(shares) == 4 and sum(shares) == pytest.approx(1.0, abs=0.01)
+    assert evaluate.main([str(runs / "ge"), "--buckets", "step0"]) == 2
+    assert "--buckets" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Budgeted (dynamic) early-exit protocol of MSDNet/IMTA, vectorised (spec §6, §8, §9.1 items 9/14/17).
+"""Budgeted (dynamic) early-exit protocol of MSDNet/IMTA, vectorised (docs/method.md §6, §8, §9.1 items 9/14/17).
 
 The reference (``adaptive_inference.py``) simulates adaptive inference from stored outputs of the
 full network: it fits one confidence threshold per exit on a hold-out split so that the exits
@@ -14,29 +14,20 @@ Protocol, with K exits, N samples and confidences ``c_k(x)`` = max softmax proba
   ``n_k`` remain); then every sample with ``c_k ≥ τ_k`` is marked exited.  ``τ_K = -1e8``;
 - application: a sample exits at the first k with ``c_k ≥ τ_k``; accuracy is over all N samples and
   the expected cost is ``Σ_k (n_exit_k / N) · F_k`` with ``F_k`` the *cumulative* MACs of exit k
-  (blocks 1..k and heads 1..k, spec §8).
+  (blocks 1..k and heads 1..k, docs/method.md §8).
 
-The reference caches the logits and reuses the cache blindly even after the checkpoint changed
-(spec §9.1 item 9); :func:`cached_logits` keys the cache on :func:`cache_key` (checkpoint hash +
-split/transform context) and recomputes on mismatch.
-
-On top of the reference, :func:`fit_latency_budget` picks thresholds for a wall-clock budget from
-measured per-stage costs (see :class:`StageCosts` for the cost model and its limits).
+Neighbours: the latency model (stage costs, wall-clock budgets) is :mod:`imta_fast.inference.latency`;
+the logits cache and run directories are :mod:`imta_fast.inference.rundir`.
 
 Conventions: confidences are float32 (as the reference's stored softmax); thresholds are compared in
 the confidences' dtype; exit indices are 0-based (exit k ↔ ``exit_index == k-1``).
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-
-from imta_fast.fileio import atomic_torch_save
 
 __all__ = [
     "EXIT_NEVER",
@@ -47,17 +38,12 @@ __all__ = [
     "confidences_and_predictions",
     "fit_thresholds",
     "exit_indices",
+    "score_exits",
     "apply_thresholds",
     "ExitResult",
     "BudgetRow",
     "budgeted_evaluation",
     "anytime_accuracy",
-    "StageCosts",
-    "predict_latency",
-    "LatencyFit",
-    "fit_latency_budget",
-    "cache_key",
-    "cached_logits",
 ]
 
 #: Threshold that nothing reaches (a softmax probability is <= 1): the reference's "no exit here".
@@ -73,7 +59,7 @@ def exit_fractions(q: float, num_exits: int) -> torch.Tensor:
     """Geometric target exit fractions ``π_k = q^k / Σ_j q^j`` for k = 1..K.
 
     Computed in float32 as ``exp(log(q)·k)`` exactly like the reference (which used the deprecated,
-    inclusive ``torch.range``; spec §9.1 item 14), so that ``floor(N·π_k)`` agrees with it at the
+    inclusive ``torch.range``; docs/method.md §9.1 item 14), so that ``floor(N·π_k)`` agrees with it at the
     boundaries.  Returns a float32 tensor ``[K]`` summing to 1.
     """
     if q <= 0:
@@ -116,7 +102,7 @@ def confidences_and_predictions(
 
     Args:
         logits: ``[K, N, C]`` tensor or a list of K ``[N, C]`` tensors (logits, or probabilities
-            when ``from_probs``; the reference caches softmax probabilities, spec §6 step 1).
+            when ``from_probs``; the reference caches softmax probabilities, docs/method.md §6 step 1).
         from_probs: inputs are already probabilities: confidence = their max.
         chunk_size: rows per softmax call, to bound the float32 temporary to ``chunk_size × C``.
 
@@ -238,15 +224,33 @@ def apply_thresholds(
     num_exits, n = confidences.shape
     idx = exit_indices(confidences, thresholds)
     pred = predictions.gather(0, idx[None]).squeeze(0)
-    correct = pred == labels.to(pred.device)
-    counts = torch.bincount(idx, minlength=num_exits).cpu()
+    return score_exits(idx, pred, labels, num_exits, macs)
+
+
+def score_exits(
+    exit_index: torch.Tensor,
+    predictions: torch.Tensor,
+    labels: torch.Tensor,
+    num_exits: int,
+    macs: Optional[Sequence[float]] = None,
+) -> ExitResult:
+    """Score given exits: accuracy over all N samples, exit counts and expected cumulative MACs
+    ``Σ_k (n_exit_k / N)·F_k``.  The one scorer of the simulated protocol and the real evaluator.
+
+    Args:
+        exit_index: ``[N]`` 0-based exit of each sample; predictions: ``[N]`` at that exit; labels: ``[N]``.
+        macs: cumulative MACs per exit ``[K]``, or None.
+    """
+    n = exit_index.numel()
+    correct = predictions == labels.to(predictions.device)
+    counts = torch.bincount(exit_index, minlength=num_exits).cpu()
     accuracy = 100.0 * correct.sum().item() / max(n, 1)
     expected = None
     if macs is not None:
         if len(macs) != num_exits:
             raise ValueError(f"macs has {len(macs)} entries for {num_exits} exits")
         expected = float((counts.double() / max(n, 1) * torch.tensor(list(macs), dtype=torch.float64)).sum())
-    return ExitResult(accuracy, expected, counts, idx)
+    return ExitResult(accuracy, expected, counts, exit_index)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -283,10 +287,10 @@ def budgeted_evaluation(
 
     Args:
         fit_logits / test_logits: ``[K, N, C]`` (or lists of ``[N, C]``) logits, or probabilities with
-            ``from_probs=True``.  The fit split is the hold-out (spec §5 ``--use-valid``); without one
+            ``from_probs=True``.  The fit split is the hold-out (docs/method.md §5 ``--use-valid``); without one
             the reference fits on the test set itself.
         fit_labels / test_labels: ``[N_fit]`` / ``[N_test]``.
-        macs: cumulative per-exit MACs ``[K]`` (spec §8), e.g. from ``imta_fast.flops``.
+        macs: cumulative per-exit MACs ``[K]`` (docs/method.md §8), e.g. from ``imta_fast.flops``.
         points: size of the ``q = p/20`` grid (40 as IMTA, 39 as MSD); ignored when ``qs`` is given.
 
     Returns:
@@ -320,7 +324,7 @@ def budgeted_evaluation(
 
 @torch.no_grad()
 def anytime_accuracy(logits: LogitsLike, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> Dict[int, List[float]]:
-    """Per-exit top-k accuracy in percent (the anytime protocol, spec §6).
+    """Per-exit top-k accuracy in percent (the anytime protocol, docs/method.md §6).
 
     Args:
         logits: ``[K, N, C]`` or a list of K ``[N, C]``; labels: ``[N]``.
@@ -339,193 +343,3 @@ def anytime_accuracy(logits: LogitsLike, labels: torch.Tensor, topk: Sequence[in
         for k in topk:
             out[k].append(100.0 * hit[:, : min(k, maxk)].any(dim=1).sum().item() / n)
     return out
-
-
-# ----------------------------------------------------------------------------- latency budgets
-@dataclass
-class StageCosts:
-    """Measured costs of the batched early-exit evaluator, for :func:`predict_latency`.
-
-    Cost model (per batch of ``batch_size`` images, stage ``k`` entered by ``m_k`` rows)::
-
-        T_batch = Σ_{k : m_k > 0} ( overhead_ms[k] + per_image_ms[k] · m_k )
-
-    so the latency per image is ``Σ_k a_k·per_image_ms[k] + [a_k > 0]·overhead_ms[k]/batch_size``
-    with ``a_k = m_k / batch_size`` the fraction of samples still active at stage k.  Stage 0
-    includes the stem; each stage's time includes its head, the confidence, and the compaction of
-    the survivors, exactly what the evaluator times.  ``per_image_ms`` and ``overhead_ms`` are the
-    slope and intercept of a line fitted to stage times at two batch sizes
-    (``imta_fast.inference.evaluator.measure_stage_costs``).
-
-    Honest limits: the line is exact only between the measured batch sizes; on a GPU a small active
-    batch under-uses the device, which the intercept absorbs only approximately; with batch-size
-    buckets the rows computed are the bucket size, not ``m_k`` (pass ``buckets`` to
-    :func:`predict_latency`); the per-stage host sync and launch latency sit in the intercept.
-    """
-
-    batch_size: int
-    per_image_ms: List[float]
-    overhead_ms: List[float]
-    device: str = "cpu"
-    measured_batch_sizes: List[int] = field(default_factory=list)
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.per_image_ms)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _bucket_rows(m: int, buckets: Optional[Sequence[int]]) -> int:
-    if not buckets or m == 0:
-        return m
-    fitting = [b for b in sorted(buckets) if b >= m]
-    return fitting[0] if fitting else m
-
-
-def predict_latency(
-    fractions: Union[torch.Tensor, Sequence[float]],
-    costs: StageCosts,
-    *,
-    batch_size: Optional[int] = None,
-    buckets: Optional[Sequence[int]] = None,
-) -> float:
-    """Predicted ms per image for given realised exit fractions ``[K]`` (see :class:`StageCosts`).
-
-    Args:
-        fractions: realised fraction of samples leaving at each exit (sums to 1).
-        batch_size: the serving batch size (default: the one the costs were measured at).
-        buckets: batch-size buckets of the evaluator, if it pads the active batch.
-    """
-    frac = [float(v) for v in (fractions.tolist() if isinstance(fractions, torch.Tensor) else fractions)]
-    if len(frac) != costs.num_exits:
-        raise ValueError(f"{len(frac)} exit fractions for {costs.num_exits} stages")
-    b = batch_size or costs.batch_size
-    total, active = 0.0, 1.0
-    for k in range(costs.num_exits):
-        rows = _bucket_rows(math.ceil(active * b - 1e-9), buckets)
-        if rows > 0:
-            total += costs.per_image_ms[k] * rows / b + costs.overhead_ms[k] / b
-        active = max(active - frac[k], 0.0)
-    return total
-
-
-@dataclass
-class LatencyFit:
-    """Result of :func:`fit_latency_budget`.
-
-    ``feasible`` is False when no candidate meets the budget; the cheapest candidate is returned then.
-    ``candidates`` lists ``(q, predicted_ms, accuracy)`` of every threshold set considered.
-    """
-
-    q: Optional[float]
-    thresholds: torch.Tensor
-    predicted_ms: float
-    accuracy: float
-    exit_fractions: List[float]
-    feasible: bool
-    budget_ms: float
-    candidates: List[Tuple[Optional[float], float, float]]
-
-
-def _latency_grid(num_exits: int) -> List[float]:
-    # The reference's p/20 sweep plus a geometric grid reaching further towards "everything at the
-    # first exit" (q -> 0) and "everything at the last exit" (q -> inf).
-    grid = set(budget_sweep(num_exits, 40))
-    grid.update(float(v) for v in torch.logspace(-2, 2, 81, dtype=torch.float64).tolist())
-    return sorted(grid)
-
-
-def fit_latency_budget(
-    confidences: torch.Tensor,
-    predictions: torch.Tensor,
-    labels: torch.Tensor,
-    costs: StageCosts,
-    budget_ms: float,
-    *,
-    qs: Optional[Sequence[float]] = None,
-    batch_size: Optional[int] = None,
-    buckets: Optional[Sequence[int]] = None,
-) -> LatencyFit:
-    """Thresholds for a wall-clock budget (ms per image) from measured stage costs.
-
-    For every candidate threshold set (the reference fitting at each q of a fixed geometric grid,
-    plus the two extremes "all exit first" and "full network") the realised exit fractions on the
-    hold-out split give a predicted latency (:func:`predict_latency`); among candidates whose
-    prediction is ``≤ budget_ms`` the most accurate on the hold-out split wins (ties: the cheaper).
-    Because the candidate set does not depend on the budget, the chosen accuracy is monotone
-    non-decreasing in ``budget_ms``.
-
-    Args:
-        confidences / predictions: ``[K, N]`` on the hold-out (fit) split; labels: ``[N]``.
-        costs: :class:`StageCosts` measured with the evaluator that will serve the thresholds.
-        budget_ms: target mean latency per image at ``batch_size`` (default ``costs.batch_size``).
-        qs: the q grid (default: the p/20 sweep ∪ 81 log-spaced q in [0.01, 100]).
-        buckets: the evaluator's batch-size buckets, if any.
-
-    Returns:
-        :class:`LatencyFit`.
-    """
-    num_exits, _ = confidences.shape
-    sorted_conf, order = confidences.sort(dim=1, descending=True)
-    first_only = torch.zeros(num_exits)
-    first_only[0] = 1.0
-    cand_fracs: List[Tuple[Optional[float], torch.Tensor]] = [(None, first_only), (None, torch.zeros(num_exits))]
-    cand_fracs += [(float(q), exit_fractions(q, num_exits)) for q in (qs if qs is not None else _latency_grid(num_exits))]
-    best = cheapest = None
-    seen = []
-    for q, fractions in cand_fracs:
-        thr = _fit_sorted(confidences, sorted_conf, order, fractions.to(confidences.device))
-        res = apply_thresholds(confidences, predictions, labels, thr)
-        realised = (res.exit_counts.double() / max(confidences.shape[1], 1)).tolist()
-        ms = predict_latency(realised, costs, batch_size=batch_size, buckets=buckets)
-        cand = (q, thr, ms, res.accuracy, realised)
-        seen.append((q, ms, res.accuracy))
-        if cheapest is None or ms < cheapest[2]:
-            cheapest = cand
-        if ms <= budget_ms and (best is None or (res.accuracy, -ms) > (best[3], -best[2])):
-            best = cand
-    chosen, feasible = (best, True) if best is not None else (cheapest, False)
-    q, thr, ms, acc, realised = chosen
-    return LatencyFit(q, thr, ms, acc, realised, feasible, float(budget_ms), seen)
-
-
-# ----------------------------------------------------------------------------- logits cache
-def cache_key(checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]], **context) -> str:
-    """SHA-256 over a checkpoint (file bytes, or a state_dict's names, dtypes, shapes and bytes) and
-    the sorted ``context`` items (split name, transforms, model name ...)."""
-    h = hashlib.sha256()
-    if isinstance(checkpoint, (str, os.PathLike)):
-        with open(checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        for name in sorted(checkpoint):
-            t = checkpoint[name].detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(repr(sorted(context.items())).encode())
-    return h.hexdigest()
-
-
-def cached_logits(
-    path: Union[str, os.PathLike], key: str, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
-    write: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(logits [K, N, C], labels [N])`` from ``path`` if it was written with the same ``key``,
-    else ``compute()`` them and (if ``write``: rank 0 only under DDP) write ``{key, logits, labels}``
-    atomically (tmp file + ``os.replace``).  An unreadable cache file is recomputed, not an error."""
-    if os.path.exists(path):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # truncated / foreign file: the cache is only a cache
-            blob = {}
-        if isinstance(blob, dict) and blob.get("key") == key:
-            return blob["logits"], blob["labels"]
-    logits, labels = compute()
-    logits, labels = _stack(logits).detach().cpu(), labels.detach().cpu()
-    if not write:
-        return logits, labels
-    atomic_torch_save(path, {"key": key, "logits": logits, "labels": labels})
-    return logits, labels

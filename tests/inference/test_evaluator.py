@@ -8,8 +8,10 @@ independent, but the BLAS is not always bit-invariant to the batch: we found (CP
   the evaluator therefore pads a lone survivor to ``min_rows=2`` rows;
 - for some Linear shapes (e.g. 10->32, 1000->1000, and the 5->5 ISC layer of the toy below) the result
   of a row depends on its *position* in the batch (tail-block kernels), so compaction moves it by
-  ~1 ulp.  MSDNet tiny/mnist (heads 8->10, 32->10) are bit-invariant, so their tests demand equal
-  confidences and 100 % equal exits/predictions; the toy IMTA test uses tie-free thresholds.
+  ~1 ulp.  MSDNet tiny/mnist (heads 8->10, 32->10) are bit-invariant at the batch sizes and buckets
+  used below, so those tests demand equal confidences and 100 % equal exits/predictions (not a promise
+  for every batch size: some shapes differ by 1-2 ulp below ~16 rows); the toy IMTA test uses
+  tie-free thresholds.  Streaming (B = 1, ``min_rows=1``) is tested for exit agreement, not bit equality.
 """
 import pytest
 import torch
@@ -21,16 +23,12 @@ from imta_fast.inference.protocol import (
     apply_thresholds,
     confidences_and_predictions,
     exit_fractions,
-    fit_latency_budget,
     fit_thresholds,
-    predict_latency,
 )
-from imta_fast.inference.evaluator import (
-    EarlyExitEvaluator,
-    measure_stage_costs,
-    resolve_bucket,
-    time_full_network,
-)
+from imta_fast.inference.buckets import resolve_bucket
+from imta_fast.inference.evaluator import EarlyExitEvaluator
+from imta_fast.inference.latency import fit_latency_budget, measure_stage_costs, predict_latency
+from imta_fast.inference.timing import time_full_network
 from imta_fast.models import create_model
 
 SHAPES = {"msdnet_tiny": (3, 16, 16), "msdnet_mnist": (1, 28, 28)}
@@ -232,3 +230,25 @@ def test_gpu_parity_eager_vs_graphs(cuda_graphs):
         # GPU convs may pick batch-size-dependent algorithms: allow a handful of near-tie flips.
         assert (exit_index == sim.exit_index).float().mean() > 0.97
         assert (predictions == pred.gather(0, exit_index[None])[0]).float().mean() > 0.97
+
+
+# ----------------------------------------------------------------------------- profiling, streaming
+def test_profile_is_public_and_runs_every_stage_on_every_row():
+    model, x, *_ = _setup("msdnet_tiny", n=24)
+    ev = EarlyExitEvaluator(model, buckets=[16, 32])
+    out = ev.profile(x)
+    assert out.active == [24] * 3 and out.computed == [32] * 3 and out.exit_index.eq(2).all()
+    assert all(t > 0 for t in out.stage_ms) and out.total_ms == pytest.approx(sum(out.stage_ms))
+    assert torch.equal(out.predictions, ev.full_network(x))
+
+
+def test_streaming_without_padding_agrees_with_the_simulated_protocol():
+    """B = 1 with ``min_rows=1`` (no padding row): a lone row goes to GEMV, so logits may differ in the
+    last bits and a sample sitting exactly on a threshold may flip; exits agree otherwise."""
+    model, x, _, conf, pred, thr, sim = _setup("msdnet_mnist", n=64)
+    ev = EarlyExitEvaluator(model, thr, min_rows=1)
+    outs, exit_index, predictions, confidence = _run(ev, x, 1)
+    assert all(o.computed[0] == 1 for o in outs)
+    agree = (exit_index == sim.exit_index).double().mean().item()
+    assert agree >= 1 - (model.num_exits - 1) / 64  # at most one flip per fitted (tied) threshold
+    torch.testing.assert_close(confidence, conf.gather(0, exit_index[None])[0], rtol=0, atol=1e-5)

@@ -8,19 +8,16 @@ import torch
 from imta_fast.inference.protocol import (
     EXIT_ALWAYS,
     EXIT_NEVER,
-    StageCosts,
     anytime_accuracy,
     apply_thresholds,
     budget_sweep,
     budgeted_evaluation,
-    cache_key,
-    cached_logits,
     confidences_and_predictions,
     exit_fractions,
-    fit_latency_budget,
     fit_thresholds,
-    predict_latency,
 )
+from imta_fast.inference.latency import StageCosts, fit_latency_budget, predict_latency
+from imta_fast.inference.rundir import cache_key, cached_logits
 
 # Hand-made example, K = 3 exits, N = 6 samples (s0..s5).
 CONF = torch.tensor([

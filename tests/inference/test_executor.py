@@ -1,0 +1,79 @@
+"""imta_fast.inference.executor: stage k on an opaque state, row gathering, padding (model-agnostic)."""
+import pytest
+import torch
+
+from imta_fast.inference.executor import DEFAULT_COMPILED_BUCKETS, StageExecutor
+from imta_fast.inference.protocol import max_softmax
+from imta_fast.models import create_model
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("msdnet_tiny").eval()
+
+
+def test_run_stages_equals_model_forward():
+    model, x = _model(), torch.randn(12, 3, 16, 16)
+    ex = StageExecutor(model)
+    state, rows = ex.prepare(x)
+    assert rows == 12 and state is x
+    with torch.no_grad():
+        logits, _ = model(x)
+        for k in range(ex.num_stages):
+            state, conf, pred = ex.run(k, state, x.device)
+            ref_conf, ref_pred = max_softmax(logits[k])
+            assert torch.equal(conf, ref_conf) and torch.equal(pred, ref_pred)
+
+
+def test_gather_selects_rows_of_every_leaf_and_keeps_non_tensors():
+    ex = StageExecutor(_model())
+    state = ([torch.arange(5.0)[:, None], torch.arange(5.0)[:, None, None, None].expand(5, 2, 3, 3).contiguous(
+        memory_format=torch.channels_last)], None, 7)
+    out = ex.gather(1, state, torch.tensor([4, 1, 1]))
+    assert out[0][0].flatten().tolist() == [4.0, 1.0, 1.0]
+    assert out[0][1].is_contiguous(memory_format=torch.channels_last) and out[0][1].shape[0] == 3
+    assert out[1] is None and out[2] == 7
+
+
+def test_prepare_pads_with_valid_rows():
+    model = _model()
+    ex = StageExecutor(model, buckets=[8], min_rows=2)
+    x = torch.randn(5, 3, 16, 16)
+    state, rows = ex.prepare(x)
+    assert rows == 8 and state.shape[0] == 8
+    assert torch.equal(state[:5], x) and torch.equal(state[5:], x[:1].expand(3, -1, -1, -1))
+    assert ex.rows(1, 5) == 8 and StageExecutor(model, min_rows=1).rows(1) == 1
+
+
+def test_compiled_or_graphed_default_buckets_and_bad_options():
+    model = _model()
+    assert StageExecutor(model, cuda_graphs=True).buckets == DEFAULT_COMPILED_BUCKETS
+    assert StageExecutor(model).buckets is None
+    with pytest.raises(ValueError):
+        StageExecutor(model, buckets="pow3")
+    with pytest.raises(ValueError):
+        StageExecutor(model, cuda_graphs=True, compile=True, compile_mode="reduce-overhead")
+
+
+def test_fold_batchnorm_copy_matches_and_leaves_the_model_alone():
+    from imta_fast.inference.executor import fold_batchnorm
+
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, as after training
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    model = model.double()  # float64 reference: the fold itself is exact up to rounding
+    folded = fold_batchnorm(model)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert n_bn > 0 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) < n_bn
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = model(x)
+        out, _ = folded(x)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    ex = StageExecutor(model.float(), fold_bn=True)
+    assert ex.model is not model and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
