@@ -99,3 +99,18 @@ def test_wallclock_streaming_and_options(runs, capsys):
         assert len(shares) == 4 and sum(shares) == pytest.approx(1.0, abs=0.01)
     assert evaluate.main([str(runs / "ge"), "--buckets", "step0"]) == 2
     assert "--buckets" in capsys.readouterr().err
+
+
+def test_device_backend_gives_the_pytorch_backend_logits(runs, tmp_path):
+    """--data-backend device (uint8 dataset on the device, batched transforms) scores the same logits,
+    and the backend is part of the cache key (each run recomputes, neither reuses the other's file)."""
+    def logits(backend):
+        out = tmp_path / backend
+        assert evaluate.main([str(runs / "ge"), "--output", str(out), "--budget-points", "5",
+                              "--data-backend", backend]) == 0
+        return torch.load(runs / "ge" / "logits_test.pt", weights_only=True)
+
+    a, b = logits("pytorch"), logits("device")
+    assert a["key"] != b["key"]
+    assert torch.equal(a["labels"], b["labels"])
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=1e-5)

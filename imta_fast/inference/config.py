@@ -36,6 +36,11 @@ class EvalConfig:
     budget_points: int = _opt(40, "q = p/20 for p = 1..N (IMTA 40, MSDNet 39)")
     batch_size: int = _opt(256, "batch size of the logits pass (anytime / budgeted)", flags=("-b",))
     workers: int = _opt(0, "data loader workers", flags=("-j",))
+    data_backend: str = _opt("pytorch", "loader for the hold-out and test splits: pytorch, dali (image folders; "
+                                        "nvJPEG on CUDA, CPU mode without), device (in-memory datasets held on "
+                                        "the device) or auto (dali for image folders on CUDA, else pytorch)",
+                             choices=("auto", "pytorch", "dali", "device"))
+    skip_corrupt: bool = _opt(False, "skip and count unreadable images instead of stopping with an error")
     amp: bool = _opt(False, "bf16 autocast")
     mode: str = _opt("budgeted", "wallclock: also run the real early-exit evaluator and time it on --device",
                      choices=("budgeted", "wallclock"))

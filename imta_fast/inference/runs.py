@@ -76,14 +76,18 @@ def run_logits(data: RunData, dist) -> dict:
     The cache key covers the checkpoint's bytes and everything else that changes the logits
     (hold-out transform, autocast, data root, image size), so a stale cache is never reused.
     """
-    from imta_fast.data import build_eval_loader
+    from imta_fast.data import make_loader
 
     run, cfg = data.run, data.cfg
+    # The backend is part of the key (DALI's decoder rounds differently) and so is skipping (it shrinks N).
     key = cache_key(run.checkpoint_path, holdout_transform=data.holdout_transform, amp=cfg.amp, data_dir=data.data_dir,
-                    image_size=run.model_kwargs.get("image_size"), dataset=run.config["dataset"])
+                    image_size=run.model_kwargs.get("image_size"), dataset=run.config["dataset"],
+                    data_backend=cfg.data_backend, skip_corrupt=cfg.skip_corrupt)
 
     def compute(split: str):
-        loader = build_eval_loader(getattr(data.bundle, split), cfg.batch_size, cfg.workers, dist)
+        loader = make_loader(getattr(data.bundle, split), backend=cfg.data_backend, train=False,
+                             batch_size=cfg.batch_size, workers=cfg.workers, seed=0, dist=dist,
+                             skip_corrupt=cfg.skip_corrupt)
         return predict(run.model, loader, dist.device, cfg.amp, "bfloat16", False, progress=sys.stderr.isatty(), desc=split)
 
     result = {}
