@@ -172,7 +172,11 @@ class TorchLoader:
             self.sampler.generator, self.sampler.base_seed = generator, base
             self.loader = DataLoader(source, sampler=self.sampler, drop_last=True, generator=generator, **common)
         else:
-            self.loader = DataLoader(source, shuffle=False, drop_last=False, **common)
+            # Its own generator: creating an iterator draws the workers' base seed from the loader's
+            # generator, or from the global RNG when it has none -- which would shift the training
+            # augmentations (drawn from the global RNG with workers=0) after every evaluation pass.
+            self.loader = DataLoader(source, shuffle=False, drop_last=False, generator=torch.Generator().manual_seed(0),
+                                     **common)
 
     def __len__(self) -> int:
         return len(self.loader)

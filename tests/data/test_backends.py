@@ -146,3 +146,20 @@ def test_worker_errors_come_back_as_one_line(broken_folder):
         assert "\n" in str(exc)
         line = one_line(exc)
     assert "\n" not in line and line.startswith("unreadable image file '") and "x.JPEG" in line
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_loader_pass_never_draws_from_the_global_rng(train):
+    """Iterating a loader (deterministic transforms) leaves torch's global RNG untouched: with workers=0
+    the training augmentations draw from it, so an evaluation pass that consumed it would change every
+    later training batch (and break bit-identity with earlier releases)."""
+    data = build_data("digits", None, None, 64, holdout_transform="eval", seed=0)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_distributed=False)
+    loader = make_loader(data.holdout, backend="pytorch", train=train, batch_size=16, workers=0, seed=0, dist=dist)
+    loader.set_epoch(1)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    for _ in loader:
+        pass
+    assert torch.equal(torch.rand(3), expected)
