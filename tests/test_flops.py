@@ -46,3 +46,55 @@ def test_costs_are_cumulative_and_total_params_match_model():
 def test_rejects_batched_shape():
     with pytest.raises(ValueError, match="batch must be 1"):
         count_exit_costs(create_model("msdnet_tiny"), (2, 3, 16, 16))
+
+
+# RANet (docs/method.md §12): the reference's op_counter.measure_model on its own models/RANet.py
+# (yangle15/RANet-pytorch), run here on CPU on the four published command lines; exact integers.
+# train_cifar.sh on CIFAR-100 is also the table of issue #12 (15.826 ... 94.998 M, 0.4821 ... 3.3547 M).
+RANET_REFERENCE = {
+    "ranet_cifar": (100, 32,
+                    [15826020, 31306440, 44690220, 50404752, 60712628, 63717656, 90255228, 94997472],
+                    [482052, 1097000, 1511586, 1914854, 2223662, 2523154, 2952906, 3354710]),
+    "ranet_cifar_lg": (100, 32,
+                       [8372324, 21788360, 32878892, 41570192, 53283828, 58990680],
+                       [358660, 899880, 1304995, 1800711, 2188193, 2617261]),
+    "ranet_imagenet": (1000, 224,
+                       [168066600, 520465424, 731890809, 903794197, 1052251864, 1118803728, 1589013903, 1680979979],
+                       [8090920, 33314832, 42982814, 58901892, 63997294, 70852502, 78532931, 87972617]),
+    "ranet_imagenet_c32": (1000, 224,
+                           [246472360, 631164048, 860403190, 1041144878, 1869847124, 2160379452, 2734279235,
+                            2828311039],
+                           [9916712, 37916432, 48345820, 65121348, 85601768, 113060656, 121474513, 131123991]),
+}
+
+
+def _ranet_costs(name, **overrides):
+    with torch.device("meta"):  # shapes are all the counter needs; builds the 131M-parameter net in seconds
+        model = create_model(name, **overrides)
+    size = RANET_REFERENCE[name][1]
+    return model, count_exit_costs(model, (3, size, size))
+
+
+@pytest.mark.parametrize("name", list(RANET_REFERENCE))
+def test_ranet_reference_op_counter_exact(name):
+    classes, _, macs, params = RANET_REFERENCE[name]
+    model, costs = _ranet_costs(name, num_classes=classes)
+    assert costs.macs == macs
+    assert costs.params == params
+    assert params[-1] == sum(p.numel() for p in model.parameters())
+
+
+def test_ranet_cifar100_numbers_of_issue_12():
+    _, costs = _ranet_costs("ranet_cifar", num_classes=100)
+    # The issue's last entry is double-rounded (94.997472 -> 94.9975 -> 94.998); the exact integers are above.
+    assert costs.macs_m == pytest.approx([15.826, 31.306, 44.690, 50.405, 60.713, 63.718, 90.255, 94.998], abs=6e-4)
+    assert [round(p, 4) for p in costs.params_m] == [0.4821, 1.0970, 1.5116, 1.9149, 2.2237, 2.5232, 2.9529, 3.3547]
+
+
+def test_ranet_class_count_changes_only_the_linears():
+    """Exit k includes k+1 heads, each Linear(128 -> C) counted as 129*C ops and params."""
+    _, c100 = _ranet_costs("ranet_cifar", num_classes=100)
+    _, c10 = _ranet_costs("ranet_cifar", num_classes=10)
+    for k in range(8):
+        assert c100.macs[k] - c10.macs[k] == (k + 1) * 129 * 90
+        assert c100.params[k] - c10.params[k] == (k + 1) * 129 * 90
