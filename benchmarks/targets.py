@@ -107,4 +107,10 @@ TARGETS: List[Target] = [
              numerator={"bench": "early_exit", "model": m, "device": "cuda", "batch_size": b, "impl": "cuda_graphs"},
              metric="min_clock_over_flops")
       for m in ("msdnet_cifar_anytime", "msdnet_mnist", "msdnet_imagenet_step4") for b in (256, 1024)],
+    # ---- training methods (issue #11): per loaded batch vs ce, CPU or GPU; regression guards, lower is better.
+    Target("distill step vs ce step, time per loaded batch", 1.10, numerator={"bench": "methods", "case": "distill"},
+           denominator={"bench": "methods", "case": "ce"}, metric="median", higher_is_better=False),
+    Target("l2w (meta-interval 1) step vs ce step, time per loaded batch", 5.0,
+           numerator={"bench": "methods", "case": "l2w_i1"}, denominator={"bench": "methods", "case": "ce"},
+           metric="median", higher_is_better=False, note="two half-batch real steps + two meta steps"),
 ]

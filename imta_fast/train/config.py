@@ -56,13 +56,14 @@ class TrainConfig:
     model: Optional[str] = flag(None, "named config (see imta_fast.models.list_models()); dataset default",
                                 group="model and method")
     method: str = flag("ce", "ce: MSDNet baseline; ge: IMTA stage 1 (Gradient Equilibrium); imta: stage 2 "
-                             "(ISC + OFA)", group="model and method", choices=list(METHODS))
+                             "(ISC + OFA); distill: Phuong & Lampert (annealed T); l2w: meta-learned sample "
+                             "weights", group="model and method", choices=list(METHODS))
     teacher: Optional[str] = flag(None, "stage-1 checkpoint for --method imta (frozen backbone and OFA teacher)",
                                   group="model and method")
     isc_detach: bool = flag(False, "detach the ISC prior (the paper); default: no detach (the code)",
                             group="model and method", action="store_true")
-    backbone_bn: str = flag("train", "stage-2 frozen backbone BN: 'train' (the code: batch stats) or 'eval' (the "
-                                     "paper's frozen net)", group="model and method", choices=["train", "eval"])
+    backbone_bn: str = flag("train", "stage-2 frozen backbone BN: 'train' (the code: batch stats) or 'eval' (cleaner: "
+                                     "frozen statistics)", group="model and method", choices=["train", "eval"])
     temperature: Optional[float] = flag(None, "OFA KD temperature (dataset default)", "--temperature", "-T",
                                         group="model and method", type=float)
     gamma: Optional[float] = flag(None, "OFA KD weight (dataset default)", group="model and method", type=float)
@@ -184,8 +185,8 @@ def _check(ok: bool, message: str) -> None:
 
 def build_train_parser() -> argparse.ArgumentParser:
     """argparse from the dataclass fields: names, defaults, help and choices come from ``TrainConfig``."""
-    p = argparse.ArgumentParser(description="Train a multi-exit network: baseline (ce), GE (IMTA stage 1) or "
-                                            "IMTA stage 2 (imta).",
+    p = argparse.ArgumentParser(description="Train a multi-exit network: baseline (ce), GE (IMTA stage 1), IMTA "
+                                            "stage 2 (imta), Phuong & Lampert distillation (distill) or L2W (l2w).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", help="YAML file of defaults (keys = flag names with underscores)")
     groups = {}

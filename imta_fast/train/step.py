@@ -56,8 +56,11 @@ class StepContext:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
-    def apply_gradients(self, loss: torch.Tensor) -> None:
-        """zero_grad, backward (through the scaler when enabled), optimiser step, schedule step."""
+    def apply_gradients(self, loss: torch.Tensor, step_scheduler: bool = True) -> None:
+        """zero_grad, backward (through the scaler when enabled), optimiser step, schedule step.
+
+        ``step_scheduler=False`` leaves the schedule alone (L2W takes two optimiser steps per loaded
+        batch but advances the schedule once, as its reference does)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
             self.scaler.scale(loss).backward()
@@ -66,4 +69,5 @@ class StepContext:
         else:
             loss.backward()
             self.optimizer.step()
-        self.scheduler.step()
+        if step_scheduler:
+            self.scheduler.step()

@@ -36,7 +36,10 @@ log = logging.getLogger("imta_fast")
 
 # A resumed run must agree with its checkpoint on everything that shapes the model or the data.
 RESUME_KEYS = ("dataset", "model", "method", "holdout_size", "isc_detach", "backbone_bn", "teacher", "image_size",
-               "temperature", "gamma", "kl_reduction", "lr_schedule", "amp_dtype")
+               "temperature", "gamma", "kl_reduction", "lr_schedule", "amp_dtype",
+               "distill_c", "distill_temperature", "distill_anneal_factor", "distill_anneal_threshold",
+               "meta_net_hidden", "meta_interval", "meta_lr", "l2w_constraint", "l2w_epsilon", "l2w_target_index",
+               "l2w_meta_grad")
 
 
 def load_teacher_state(path: str, config: Dict, split_sha256: str) -> Dict:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from imta_fast.train.methods.base import CrossEntropyMethod, IMTAMethod, StepResult, TrainingMethod
+from imta_fast.train.methods.distill import DistillMethod
+from imta_fast.train.methods.l2w import L2WMethod
 
 __all__ = ["METHODS", "build_method", "StepResult", "TrainingMethod"]
 
@@ -9,6 +11,8 @@ METHODS = {
     "ce": CrossEntropyMethod,
     "ge": CrossEntropyMethod,  # GE is in the model (identity forward, scaled backward)
     "imta": IMTAMethod,
+    "distill": DistillMethod,  # Phuong & Lampert, annealed temperature (docs/method.md §10)
+    "l2w": L2WMethod,  # meta-learned sample weights (docs/method.md §11)
 }
 
 
