@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from imta_fast.fileio import atomic_write
 
-__all__ = ["plot_anytime", "plot_budgeted", "plot_wallclock"]
+__all__ = ["plot_anytime", "plot_budgeted", "plot_wallclock", "plot_exit_weights"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
 
@@ -81,4 +81,14 @@ def plot_wallclock(runs_ms: Mapping[str, Curve], path: str, runs_macs: Optional[
         _draw(axes[1], runs_macs, ".", "expected MACs per image (millions)", "top-1 accuracy (%)")
         axes[1].set_title("Accuracy vs MACs")
     fig.suptitle(_title("Early-exit inference", dataset, device))
+    return _save(fig, path)
+
+
+def plot_exit_weights(epochs: Sequence[float], weights: Sequence[Sequence[float]], path: str, *,
+                      dataset: Optional[str] = None) -> Figure:
+    """L2W: mean predicted sample weight per exit over training; ``weights[k]`` = exit k's value per epoch."""
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    _draw(ax, {f"exit {k + 1}": (epochs, w) for k, w in enumerate(weights)}, "o", "epoch", "mean sample weight")
+    ax.set_title(_title("L2W: learned weight per exit", dataset, None))
     return _save(fig, path)
