@@ -1,4 +1,4 @@
-"""Per-exit cumulative MACs and parameters in the MSDNet/IMTA op_counter convention (spec §8).
+"""Per-exit cumulative MACs and parameters in the MSDNet/IMTA op_counter convention (docs/method.md §8).
 
 The convention counts, per image:
 - Conv2d: c_in * c_out * k_h * k_w * H_out * W_out / groups multiply-adds (bias ignored);

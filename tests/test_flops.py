@@ -1,4 +1,4 @@
-"""Per-exit costs must reproduce the published MSDNet/IMTA numbers (spec §1.8) to 0.01 M."""
+"""Per-exit costs must reproduce the published MSDNet/IMTA numbers (docs/method.md §1.8) to 0.01 M."""
 import pytest
 import torch
 

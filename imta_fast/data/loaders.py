@@ -50,7 +50,7 @@ def build_data(name: str, data_dir: Optional[str | Path], split_path: Optional[s
             as in the reference without ``--use-valid``, and thresholds are fitted on the very data
             they are evaluated on, which flatters the budgeted curves.**
         holdout_transform: ``'eval'`` (default, deterministic confidences) or ``'train'``, which
-            reproduces the reference's use of training augmentation there (spec §9.1 item 8).
+            reproduces the reference's use of training augmentation there (docs/method.md §9.1 item 8).
         seed: seeds the split's permutation when the file is created.
         num_classes, image_size: forwarded to :func:`~imta_fast.data.datasets.build_dataset`.
         save_split: False on non-primary ranks, to avoid redundant writes.

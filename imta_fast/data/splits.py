@@ -1,4 +1,4 @@
-"""The persisted train / hold-out split of the training set (spec §5 ``--use-valid``, §9.1 item 7).
+"""The persisted train / hold-out split of the training set (docs/method.md §5 ``--use-valid``, §9.1 item 7).
 
 A seeded random permutation of ``range(num_train)``; its last ``holdout_size`` entries are the
 hold-out (used to fit early-exit thresholds), the rest are trained on. Unlike the reference, the

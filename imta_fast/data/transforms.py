@@ -1,4 +1,4 @@
-"""Per-dataset normalisation constants and train / eval transforms (spec §5 "Data").
+"""Per-dataset normalisation constants and train / eval transforms (docs/method.md §5 "Data").
 
 Two kinds of input reach these transforms:
 
@@ -19,7 +19,7 @@ import torchvision.transforms as T
 
 Transform = Callable[[object], torch.Tensor]
 
-# Spec §5 (dataloader.py of both reference repositories).
+# docs/method.md §5 (dataloader.py of both reference repositories).
 CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)

@@ -1,4 +1,4 @@
-"""IMTA stage 2: Inline Subnetwork Collaboration heads on a frozen GE MSDNet (spec §3, §5).
+"""IMTA stage 2: Inline Subnetwork Collaboration heads on a frozen GE MSDNet (docs/method.md §3, §5).
 
 For exit k with pooled backbone feature f_k (width d_k) and new logits z_k:
 

@@ -1,6 +1,6 @@
 """MSDNet (Huang et al., ICLR 2018) exactly as the reference code builds it.
 
-Spec: ``shared/spec/imta_msdnet.md`` §1 (architecture) and §2 (Gradient Equilibrium placement).
+See ``docs/method.md`` §1 (architecture) and §2 (Gradient Equilibrium placement).
 
 The network is a stem plus ``K`` blocks of multi-scale dense layers; block ``k`` is followed
 by classifier ``k`` that reads only the coarsest scale.  Besides ``forward`` the model runs
@@ -31,7 +31,7 @@ __all__ = ["MSDNetConfig", "MSDNet", "ClassifierHead", "layer_plan"]
 
 @dataclass(frozen=True)
 class MSDNetConfig:
-    """Architecture hyper-parameters, named as in the reference's argparse (spec §1.1)."""
+    """Architecture hyper-parameters, named as in the reference's argparse (docs/method.md §1.1)."""
 
     num_classes: int
     n_blocks: int = 5
@@ -83,7 +83,7 @@ class MSDNetConfig:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One MSD layer of the global schedule (spec §1.3)."""
+    """One MSD layer of the global schedule (docs/method.md §1.3)."""
 
     index: int  # global 1-based layer index
     in_scales: int
@@ -163,7 +163,7 @@ class DownNormalUnit(nn.Module):
 
 
 class Stem(nn.Module):
-    """One tensor per scale: finest from the image, each coarser by a stride-2 CBR (spec §1.2)."""
+    """One tensor per scale: finest from the image, each coarser by a stride-2 CBR (docs/method.md §1.2)."""
 
     def __init__(self, cfg: MSDNetConfig):
         super().__init__()
@@ -188,7 +188,7 @@ class Stem(nn.Module):
 
 
 class MSDLayer(nn.Module):
-    """One multi-scale dense layer; drops at most the finest scale (spec §1.3)."""
+    """One multi-scale dense layer; drops at most the finest scale (docs/method.md §1.3)."""
 
     def __init__(self, cfg: MSDNetConfig, c: int, spec: LayerSpec):
         super().__init__()
@@ -231,7 +231,7 @@ class Transition(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Exit head on the coarsest scale; returns ``(logits, pooled_features)`` (spec §1.4)."""
+    """Exit head on the coarsest scale; returns ``(logits, pooled_features)`` (docs/method.md §1.4)."""
 
     def __init__(self, c_in: int, num_classes: int, kind: str, cifar_width: int = 128):
         super().__init__()
@@ -251,7 +251,7 @@ class MSDNet(nn.Module):
 
     Args:
         cfg: architecture (see :class:`MSDNetConfig` and the named configs in ``imta_fast.models``).
-        gradient_equilibrium: apply IMTA's GE gradient rescaling on the coarsest scale (spec §2).
+        gradient_equilibrium: apply IMTA's GE gradient rescaling on the coarsest scale (docs/method.md §2).
         ge_impl: 'auto' (fused Triton backward on CUDA), 'torch' (reference) or 'triton'.
 
     Shape:

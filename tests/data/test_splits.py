@@ -1,4 +1,4 @@
-"""imta_fast/data/splits.py: the seeded, persisted, hashed train / hold-out split (spec §9.1 item 7)."""
+"""imta_fast/data/splits.py: the seeded, persisted, hashed train / hold-out split (docs/method.md §9.1 item 7)."""
 import hashlib
 import json
 

@@ -1,4 +1,4 @@
-"""imta_fast/data/transforms.py: spec §5 transforms on the tensor and PIL paths."""
+"""imta_fast/data/transforms.py: docs/method.md §5 transforms on the tensor and PIL paths."""
 import pytest
 import torch
 import torchvision.transforms as T

@@ -1,4 +1,4 @@
-"""Tests for imta_fast.inference.protocol: the budgeted protocol (spec §6) against hand-worked examples and
+"""Tests for imta_fast.inference.protocol: the budgeted protocol (docs/method.md §6) against hand-worked examples and
 against a per-sample transcription of the reference loops; latency-budget fitting."""
 import math
 
@@ -265,7 +265,7 @@ def test_fit_latency_budget_satisfies_and_is_monotone():
     assert not low.feasible and low.predicted_ms == pytest.approx(cheapest)
 
 
-# ----------------------------------------------------------------------------- logits cache (spec §9.1 item 9)
+# ----------------------------------------------------------------------------- logits cache (docs/method.md §9.1 item 9)
 def test_cached_logits_recomputes_when_checkpoint_changes(tmp_path):
     sd = {"w": torch.ones(3), "b": torch.zeros(2, dtype=torch.bfloat16)}
     key = cache_key(sd, split="test", transforms="eval")

@@ -1,4 +1,4 @@
-"""IMTA stage-2 network: ISC recurrence (spec §3), teacher, detach flag, frozen backbone, BN mode."""
+"""IMTA stage-2 network: ISC recurrence (docs/method.md §3), teacher, detach flag, frozen backbone, BN mode."""
 import pytest
 import torch
 import torch.nn.functional as F

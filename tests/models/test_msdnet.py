@@ -1,4 +1,4 @@
-"""MSDNet structure (spec §1), staged execution, GE gradients (spec §2), compile/bf16 friendliness."""
+"""MSDNet structure (docs/method.md §1), staged execution, GE gradients (docs/method.md §2), compile/bf16 friendliness."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ def test_imagenet_head_widths_match_imta_logits_channels(step, widths):
 def test_cifar_anytime_channel_plan():
     model = create_model("msdnet_cifar_anytime")
     head_inputs = [h.features[0][0].in_channels for h in model.heads]
-    assert head_inputs == [160, 208, 140, 188, 236, 152, 200]  # spec §1.7 table
+    assert head_inputs == [160, 208, 140, 188, 236, 152, 200]  # docs/method.md §1.7 table
     assert model.feature_dims == [128] * 7
     assert [len([m for m in b if isinstance(m, msdnet_mod.MSDLayer)]) for b in model.blocks] == [4, 2, 2, 2, 2, 2, 2]
 

@@ -1,4 +1,4 @@
-"""Engine pieces: LR schedules (spec §5), optimiser parameter sets, SyncBN step, model construction."""
+"""Engine pieces: LR schedules (docs/method.md §5), optimiser parameter sets, SyncBN step, model construction."""
 import math
 
 import pytest
