@@ -10,20 +10,14 @@ import pytest
 import torch
 
 import train
-from imta_fast.train import trainer
 from imta_fast.train.checkpoint import load_checkpoint
 from imta_fast.train.methods.base import CrossEntropyMethod
 from imta_fast.data import has_dali
 from imta_fast.data.fake import write_fake_image_folder
+from tests.helpers import FAST, interrupted_and_resumed
+from tests.helpers import train_main as run
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small but real: digits (1,497 training images), 3 steps of 16 images per epoch.
-FAST = ["--dataset", "digits", "--holdout-size", "64", "--batch-size", "16", "--max-steps-per-epoch", "3",
-        "--no-progress", "--log-interval", "1", "--lr", "0.05"]
-
-
-def run(out, *extra):
-    return train.main(FAST + ["--output", str(out), *extra])
 
 
 def weights(path):
@@ -39,20 +33,7 @@ def assert_same_weights(a, b):
 
 @pytest.mark.parametrize("workers,backend", [("0", "pytorch"), ("2", "pytorch"), ("0", "device")])
 def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, workers, backend):
-    run = lambda out, *extra: train.main(FAST + ["--output", str(out), "--data-backend", backend, *extra])  # noqa: E731
-    assert run(tmp_path / "full", "--epochs", "3", "-j", workers) == 0
-    real_epoch = trainer.train_one_epoch
-
-    def dies_in_epoch_2(*args, **kwargs):
-        if kwargs["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_epoch_2)
-    assert run(tmp_path / "cut", "--epochs", "3", "-j", workers) == 130
-    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 1
-    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
-    assert run(tmp_path / "cut", "--epochs", "3", "--resume", "auto", "-j", workers) == 0
+    interrupted_and_resumed(tmp_path, monkeypatch, "--data-backend", backend, "-j", workers, cut_epoch=1)
     assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "cut" / "last.pt")
     rows = (tmp_path / "cut" / "summary.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3  # header + one row per epoch, none duplicated

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, Subset
 
 from .datasets import TransformedDataset
 from .errors import DataError, describe
+from .sharding import ShardBatchLoader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_resize_size
 
 Sample = Tuple[str, int]
@@ -336,7 +337,7 @@ def transform_of(dataset: Dataset):
                     "(use --data-backend pytorch for this dataset)")
 
 
-class DaliShardLoader:
+class DaliShardLoader(ShardBatchLoader):
     """DALI batches of one rank's shard, in an order this loader controls (``make_loader(backend='dali')``).
 
     Unlike :func:`build_dali_loader` (a fixed shuffle plus DALI's buffer shuffle), the file order is
@@ -388,15 +389,6 @@ class DaliShardLoader:
         self._dtype, self._channels_last = output_dtype, channels_last
         self._cached = None  # (files, iterator) of the eval pipeline, reused across complete passes
         self._finished = True
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order and augmentation of ``epoch`` (train only; eval order never changes)."""
-        self.epoch = int(epoch)
 
     def _epoch_samples(self) -> List[Sample]:
         if not self.train:

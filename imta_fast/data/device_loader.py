@@ -32,6 +32,7 @@ import torchvision.transforms as T
 from torch.utils.data import Dataset, Subset
 
 from .errors import DataError
+from .sharding import ShardBatchLoader
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _one_cpu_thread(device: torch.device):
             torch.set_num_threads(before)
 
 
-class DeviceLoader:
+class DeviceLoader(ShardBatchLoader):
     """Batches of an in-memory dataset held on ``device``; see the module docstring.
 
     Yields ``(float32 [B, C, H, W] normalised, int64 [B])``, both on ``device``. Train
@@ -194,15 +195,6 @@ class DeviceLoader:
             self.images = held_images.contiguous().to(self.device)
         self.mean = torch.tensor(self.transform.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(self.transform.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle and augmentation of ``epoch`` (train only; eval order never changes)."""
-        self.epoch = int(epoch)
 
     def _order(self) -> torch.Tensor:
         if self.train:

@@ -24,6 +24,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from imta_fast.models.staged import StagedMultiExit
 from imta_fast.ops.dispatch import gradient_equilibrium_split
 
 __all__ = ["MSDNetConfig", "MSDNet", "ClassifierHead", "layer_plan"]
@@ -246,7 +247,7 @@ class ClassifierHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the network
-class MSDNet(nn.Module):
+class MSDNet(StagedMultiExit, nn.Module):
     """Multi-scale dense network with ``K = cfg.n_blocks`` exits.
 
     Args:
@@ -291,11 +292,6 @@ class MSDNet(nn.Module):
     def num_exits(self) -> int:
         return self.cfg.n_blocks
 
-    @property
-    def feature_dims(self) -> List[int]:
-        """Width of the pooled feature of each exit (IMTA's ``logits_channels``)."""
-        return [h.feature_dim for h in self.heads]
-
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Image -> list of per-scale tensors (finest first)."""
         return self.stem(x)
@@ -314,19 +310,3 @@ class MSDNet(nn.Module):
             head_in, xs[-1] = gradient_equilibrium_split(head_in, 1.0 / remaining, (remaining - 1) / remaining,
                                                                  impl=self.ge_impl)
         return xs, head_in
-
-    def forward_stage(self, k: int, xs: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """Block ``k`` + head ``k``: the unit of work of the early-exit evaluator. Returns (state, logits)."""
-        xs, head_in = self.forward_block(k, xs)
-        logits, _ = self.heads[k](head_in)
-        return xs, logits
-
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        xs = self.forward_stem(x)
-        all_logits, all_feats = [], []
-        for k in range(self.num_exits):
-            xs, head_in = self.forward_block(k, xs)
-            logits, feat = self.heads[k](head_in)
-            all_logits.append(logits)
-            all_feats.append(feat)
-        return all_logits, all_feats

@@ -73,6 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imta_fast.models.msdnet import BottleneckUnit, ClassifierHead, ConvBNReLU
+from imta_fast.models.staged import StagedMultiExit
 from imta_fast.ops.dispatch import gradient_equilibrium_split
 
 __all__ = ["RANetConfig", "RANet", "BlockSpec", "block_plan"]
@@ -324,7 +325,7 @@ class _Stage:
 
 
 # ----------------------------------------------------------------------------- the network
-class RANet(nn.Module):
+class RANet(StagedMultiExit, nn.Module):
     """Resolution adaptive network with ``K = n_blocks + block_step * (S - 1)`` exits (one per plain block).
 
     Args:
@@ -384,11 +385,6 @@ class RANet(nn.Module):
     def num_exits(self) -> int:
         return len(self.heads)
 
-    @property
-    def feature_dims(self) -> List[int]:
-        """Width of the pooled feature of each exit (IMTA's ``logits_channels``)."""
-        return [h.feature_dim for h in self.heads]
-
     def forward_stem(self, x: torch.Tensor) -> State:
         """Image -> state ``(x_0, (), (stem tensors of sub-networks 1..S-1))``."""
         inp = self.stem(x)
@@ -432,19 +428,3 @@ class RANet(nn.Module):
             x = nxt(x)
         feats = tuple(tuple(nxt(t) for t in block) for block in feats)
         return head_in, (x, feats, tuple(nxt(t) for t in pending))
-
-    def forward_stage(self, k: int, state: State) -> Tuple[State, torch.Tensor]:
-        """Stage ``k`` + head ``k``: the unit of work of the early-exit evaluator. Returns (state, logits)."""
-        state, head_in = self.forward_block(k, state)
-        logits, _ = self.heads[k](head_in)
-        return state, logits
-
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        state = self.forward_stem(x)
-        all_logits, all_feats = [], []
-        for k in range(self.num_exits):
-            state, head_in = self.forward_block(k, state)
-            logits, feat = self.heads[k](head_in)
-            all_logits.append(logits)
-            all_feats.append(feat)
-        return all_logits, all_feats

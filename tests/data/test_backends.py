@@ -16,6 +16,7 @@ from imta_fast.data.datasets import TensorImages, TransformedDataset
 from imta_fast.data.fake import write_fake_cifar, write_fake_image_folder
 from imta_fast.data.transforms import tensor_eval_transform, tensor_train_transform
 from imta_fast.distributed import DistInfo
+from tests.helpers import broken_image_folder
 
 IN_MEMORY = ["pytorch", "device"]  # dali: tests/data/test_dali_backend.py
 
@@ -110,12 +111,7 @@ def test_auto_backend_and_unknown_backend(tmp_path):
 @pytest.fixture()
 def broken_folder(tmp_path):
     """val/ with 3 good JPEGs per class, a truncated JPEG (dog/1.jpg) and a text file named cat/x.JPEG."""
-    root = write_fake_image_folder(tmp_path, n_train=2, n_val=3, size=(40, 48))
-    bad = root / "val" / "dog" / "1.jpg"
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 2])
-    (root / "val" / "cat" / "x.JPEG").write_text("this is not an image\n")
-    return build_data("imagenet", root, None, holdout_size=1, image_size=16)
+    return broken_image_folder(tmp_path, n_train=2)
 
 
 def test_pytorch_backend_stops_on_an_unreadable_image_naming_it(broken_folder):

@@ -11,6 +11,7 @@ from imta_fast.data.dali_loader import DaliShardLoader, parse_image_transform
 from imta_fast.data.fake import write_fake_image_folder
 from imta_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from imta_fast.distributed import DistInfo
+from tests.helpers import broken_image_folder
 
 SIZE = 32  # eval resizes the shorter side to round(32 * 256 / 224) = 37, then centre-crops 32
 
@@ -135,12 +136,7 @@ def test_two_shards_cover_each_file_once_per_epoch(folder, train):
 def broken(tmp_path):
     """val/: 3 JPEGs per class, a truncated JPEG (dog/1.jpg) and a text file named cat/x.JPEG."""
     _dali_or_skip()
-    root = write_fake_image_folder(tmp_path, n_train=3, n_val=3, size=(40, 48))
-    bad = root / "val" / "dog" / "1.jpg"
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 2])
-    (root / "val" / "cat" / "x.JPEG").write_text("this is not an image\n")
-    return build_data("imagenet", root, None, holdout_size=1, image_size=16)
+    return broken_image_folder(tmp_path, n_train=3)
 
 
 @pytest.mark.parametrize("name", ["x.JPEG", "1.jpg"])

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import imta_fast.models.msdnet as msdnet_mod
 from imta_fast.models import create_model, list_models, model_config
+from tests.helpers import assert_compiled_step_matches_eager
 
 
 @pytest.mark.parametrize("step,widths", [(4, [384, 384, 352, 304, 560]), (6, [512, 544, 496, 880, 792]),
@@ -111,21 +112,7 @@ def test_ge_leaves_head_and_last_block_gradients_unscaled():
 def test_compile_fullgraph_training_step_with_ge():
     torch.manual_seed(3)
     model = create_model("msdnet_tiny", gradient_equilibrium=True)
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-
-    def step(inp, tgt):
-        logits, _ = model(inp)
-        return sum(F.cross_entropy(z, tgt) for z in logits)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss_c = compiled(x, y)
-    loss_c.backward()
-    grads_c = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    step(x, y).backward()
-    torch.testing.assert_close(loss_c, step(x, y))
-    for gc, p in zip(grads_c, model.parameters()):
-        torch.testing.assert_close(gc, p.grad, rtol=1e-4, atol=1e-6)
+    assert_compiled_step_matches_eager(model, torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
 
 
 @pytest.mark.slow

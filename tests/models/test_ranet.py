@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from imta_fast.models import RANet, RANetConfig, create_imta_model, create_model, list_models, model_config
 from imta_fast.models.ranet import block_plan
+from tests.helpers import assert_compiled_step_matches_eager
 
 RANET_NAMES = ["ranet_cifar", "ranet_cifar_lg", "ranet_imagenet", "ranet_imagenet_c32", "ranet_mnist", "ranet_tiny"]
 
@@ -160,22 +161,7 @@ def test_ge_forward_values_unchanged_and_state_aliases():
 def test_compile_fullgraph_training_step_with_ge():
     torch.manual_seed(4)
     net = create_model("ranet_tiny", gradient_equilibrium=True)
-    x, y = torch.randn(4, 3, 28, 28), torch.randint(0, 3, (4,))
-
-    def step(inp, tgt):
-        logits, _ = net(inp)
-        return sum(F.cross_entropy(z, tgt) for z in logits)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss_c = compiled(x, y)
-    loss_c.backward()
-    grads_c = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad()
-    loss_e = step(x, y)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    for gc, p in zip(grads_c, net.parameters()):
-        torch.testing.assert_close(gc, p.grad, rtol=1e-4, atol=1e-6)
+    assert_compiled_step_matches_eager(net, torch.randn(4, 3, 28, 28), torch.randint(0, 3, (4,)))
 
 
 @pytest.mark.slow

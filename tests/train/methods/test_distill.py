@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import subprocess
 import sys
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -18,8 +16,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from imta_fast.train.methods.distill import AnnealedTemperature, DistillMethod, distill_loss
-
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -267,6 +263,8 @@ def _batches():
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path):
+    from tests.helpers import run_two_gloo_workers
+
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     model = confident_model()
@@ -275,69 +273,20 @@ def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path):
     for x, y in _batches():
         method.train_step(ctx, x, y)
     assert float(method.temperature) > 1.0
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(out, weights_only=True)
+    got = run_two_gloo_workers(__file__, tmp_path / "ddp.pt", timeout=120)
     assert torch.equal(got["method"]["temperature"], method.state_dict()["temperature"])
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got["model"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
 # ----------------------------------------------------------------------------- train.py end to end
-FAST = ["--dataset", "digits", "--holdout-size", "64", "--batch-size", "16", "--max-steps-per-epoch", "3",
-        "--no-progress", "--log-interval", "1", "--lr", "0.05"]
-
-
-def _train_main(out, *extra):
-    import train
-
-    return train.main(FAST + ["--output", str(out), *extra])
-
-
-def _interrupted_and_resumed(tmp_path, monkeypatch, *flags):
-    """Run 3 epochs straight, and 3 epochs killed in epoch 2 then resumed; return both last.pt payloads."""
-    from imta_fast.train import trainer
-    from imta_fast.train.checkpoint import load_checkpoint
-
-    assert _train_main(tmp_path / "full", "--epochs", "3", *flags) == 0
-    real_epoch = trainer.train_one_epoch
-
-    def dies_in_epoch_2(*args, **kwargs):
-        if kwargs["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_epoch_2)
-    assert _train_main(tmp_path / "cut", "--epochs", "3", *flags) == 130
-    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
-    assert _train_main(tmp_path / "cut", "--epochs", "3", "--resume", "auto", *flags) == 0
-    return [load_checkpoint(str(tmp_path / d / "last.pt")) for d in ("full", "cut")]
-
-
-def _assert_same_tree(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same_tree(u, v, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_train_py_distill_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    full, cut = _interrupted_and_resumed(tmp_path, monkeypatch, "--method", "distill")
-    _assert_same_tree(full["model"], cut["model"], "model")
-    _assert_same_tree(full["method"], cut["method"], "method")
+    from tests.helpers import assert_same_tree, interrupted_and_resumed
+
+    full, cut = interrupted_and_resumed(tmp_path, monkeypatch, "--method", "distill")
+    assert_same_tree(full["model"], cut["model"], "model")
+    assert_same_tree(full["method"], cut["method"], "method")
     assert full["method"]["temperature"].dtype == torch.float64
     header, *rows = (tmp_path / "cut" / "summary.csv").read_text().strip().splitlines()
     assert "temperature" in header.split(",") and "teacher_maxprob" in header.split(",") and len(rows) == 3
@@ -348,10 +297,11 @@ def test_train_py_distill_interrupt_and_resume_is_bit_identical(tmp_path, monkey
 
 def test_train_py_distill_flags(tmp_path):
     from imta_fast.train.config import parse_train_args
+    from tests.helpers import train_main
 
     cfg = parse_train_args(["--method", "distill", "--distill-temperature", "4", "--distill-c", "0.3"])
     assert (cfg.method, cfg.distill_temperature, cfg.distill_c) == ("distill", 4.0, 0.3)
-    assert _train_main(tmp_path / "bad", "--epochs", "1", "--method", "distill", "--distill-c", "2") == 2
+    assert train_main(tmp_path / "bad", "--epochs", "1", "--method", "distill", "--distill-c", "2") == 2
 
 
 if __name__ == "__main__":

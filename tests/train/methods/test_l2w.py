@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
-import subprocess
 import sys
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -22,7 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from imta_fast.train.methods.l2w import (L2WMethod, WeightPredictionNet, allocate_exits, allocated_meta_loss,
                                          constrain_weights, exit_counts, target_exit_distribution, virtual_sgd_step)
 
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 K, D_IN, HID, NC = 3, 6, 8, 5
 
 
@@ -447,6 +444,8 @@ def _shard(x, y, rank):
 def test_two_gloo_processes_follow_the_per_rank_contract(tmp_path):
     """DDP contract (docs/method.md §11.5): per-rank virtual step and meta loss, WPN gradients averaged over
     ranks; the real step is DDP's averaged gradient = one process on the joint half-batch (no BN here)."""
+    from tests.helpers import run_two_gloo_workers
+
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     model = make_model(torch.float32)
@@ -464,13 +463,7 @@ def test_two_gloo_processes_follow_the_per_rank_contract(tmp_path):
             xj = torch.cat([halves[0][0][i], halves[1][0][i]])
             yj = torch.cat([halves[0][1][i], halves[1][1][i]])
             method.real_step(ctx, xj, yj, step_scheduler=i == 1)
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(out, weights_only=True)
+    got = run_two_gloo_workers(__file__, tmp_path / "ddp.pt", timeout=180)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got["model"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     for k, v in method.wpn.state_dict().items():
@@ -478,57 +471,14 @@ def test_two_gloo_processes_follow_the_per_rank_contract(tmp_path):
 
 
 # ----------------------------------------------------------------------------- train.py end to end
-FAST = ["--dataset", "digits", "--holdout-size", "64", "--batch-size", "16", "--max-steps-per-epoch", "3",
-        "--no-progress", "--log-interval", "1", "--lr", "0.05"]
-
-
-def _train_main(out, *extra):
-    import train
-
-    return train.main(FAST + ["--output", str(out), *extra])
-
-
-def _interrupted_and_resumed(tmp_path, monkeypatch, *flags):
-    """Run 3 epochs straight, and 3 epochs killed in epoch 2 then resumed; return both last.pt payloads."""
-    from imta_fast.train import trainer
-    from imta_fast.train.checkpoint import load_checkpoint
-
-    assert _train_main(tmp_path / "full", "--epochs", "3", *flags) == 0
-    real_epoch = trainer.train_one_epoch
-
-    def dies_in_epoch_2(*args, **kwargs):
-        if kwargs["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_epoch_2)
-    assert _train_main(tmp_path / "cut", "--epochs", "3", *flags) == 130
-    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
-    assert _train_main(tmp_path / "cut", "--epochs", "3", "--resume", "auto", *flags) == 0
-    return [load_checkpoint(str(tmp_path / d / "last.pt")) for d in ("full", "cut")]
-
-
-def _assert_same_tree(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same_tree(u, v, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_train_py_l2w_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    full, cut = _interrupted_and_resumed(tmp_path, monkeypatch, "--method", "l2w", "--meta-net-hidden", "32",
+    from tests.helpers import assert_same_tree, interrupted_and_resumed
+
+    full, cut = interrupted_and_resumed(tmp_path, monkeypatch, "--method", "l2w", "--meta-net-hidden", "32",
                                          "--dump-weights")
-    _assert_same_tree(full["model"], cut["model"], "model")
-    _assert_same_tree(full["method"], cut["method"], "method")
+    assert_same_tree(full["model"], cut["model"], "model")
+    assert_same_tree(full["method"], cut["method"], "method")
     assert full["method"]["batches"] == 9 and full["method"]["epoch"] == 3
     header = (tmp_path / "cut" / "summary.csv").read_text().splitlines()[0].split(",")
     assert "l2w_weight_exit1" in header
@@ -538,11 +488,12 @@ def test_train_py_l2w_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatc
 
 def test_train_py_l2w_flags(tmp_path):
     from imta_fast.train.config import parse_train_args
+    from tests.helpers import train_main
 
     cfg = parse_train_args(["--method", "l2w", "--l2w-constraint", "matrix", "--l2w-epsilon", "0.3",
                             "--meta-interval", "100"])
     assert (cfg.l2w_constraint, cfg.l2w_epsilon, cfg.meta_interval, cfg.meta_net_hidden) == ("matrix", 0.3, 100, 500)
-    assert _train_main(tmp_path / "bad", "--epochs", "1", "--method", "l2w", "--meta-interval", "0") == 2
+    assert train_main(tmp_path / "bad", "--epochs", "1", "--method", "l2w", "--meta-interval", "0") == 2
 
 
 if __name__ == "__main__":
