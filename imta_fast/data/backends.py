@@ -46,13 +46,13 @@ import re
 from typing import Iterator, List, Optional, Protocol, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from .dali_loader import DaliShardLoader, has_dali, parse_image_transform, samples_of, transform_of
 from .device_loader import DeviceLoader
 from .errors import DataError
-from .loaders import EpochSeededSampler
+from .loaders import EpochSeededSampler, build_loader
 
 BACKENDS = ("auto", "pytorch", "dali", "device")
 
@@ -161,22 +161,15 @@ class TorchLoader:
             dataset = Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
         self.num_samples = len(dataset) // world_size if train else len(dataset)
         source = _SkipCorrupt(dataset) if skip_corrupt else dataset
-        collate = _collate_skipping if skip_corrupt else None
-        common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, collate_fn=collate,
-                      persistent_workers=persistent_workers and workers > 0)
+        common = dict(workers=workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                      collate_fn=_collate_skipping if skip_corrupt else None)
         if train:
-            self.sampler = EpochSeededSampler(source, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                              drop_last=True)
-            base = (seed * 65537 + rank) % 2**63
-            generator = torch.Generator().manual_seed(base)
-            self.sampler.generator, self.sampler.base_seed = generator, base
-            self.loader = DataLoader(source, sampler=self.sampler, drop_last=True, generator=generator, **common)
+            self.loader, self.sampler = build_loader(source, batch_size, shuffle=True, seed=seed, drop_last=True,
+                                                     shard=(rank, world_size), **common)
         else:
-            # Its own generator: creating an iterator draws the workers' base seed from the loader's
-            # generator, or from the global RNG when it has none -- which would shift the training
-            # augmentations (drawn from the global RNG with workers=0) after every evaluation pass.
-            self.loader = DataLoader(source, shuffle=False, drop_last=False, generator=torch.Generator().manual_seed(0),
-                                     **common)
+            # In order, with its own generator (seed 0): creating an iterator then never draws from the
+            # global RNG, which the training augmentations use with workers=0.
+            self.loader, _ = build_loader(source, batch_size, shuffle=False, **common)
 
     def __len__(self) -> int:
         return len(self.loader)

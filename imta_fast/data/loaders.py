@@ -1,8 +1,9 @@
 """Datasets for one run (train / hold-out / test) and the DataLoaders over them.
 
 ``build_data`` ties a dataset builder to the persisted split. ``build_loader`` wraps a dataset in
-a DataLoader whose order is a pure function of ``(seed, epoch)`` on every rank;
-``build_train_loader`` / ``build_eval_loader`` are its two uses in train.py and eval.py.
+a DataLoader whose order is a pure function of ``(seed, epoch)`` on every rank; the ``pytorch``
+backend of :func:`imta_fast.data.make_loader` (what train.py and eval.py use) is built on it, and
+``build_train_loader`` / ``build_eval_loader`` return the bare DataLoaders.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class EpochSeededSampler(DistributedSampler):
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, distributed: bool = False,
                  seed: int = 0, drop_last: bool = False, pin_memory: Optional[bool] = None,
-                 persistent_workers: bool = True) -> Tuple[DataLoader, DistributedSampler]:
+                 persistent_workers: bool = True, shard: Optional[Tuple[int, int]] = None,
+                 collate_fn=None) -> Tuple[DataLoader, DistributedSampler]:
     """A DataLoader over ``dataset`` and its sampler; call ``sampler.set_epoch(epoch)`` every epoch.
 
     The sampler is always a ``DistributedSampler`` (with one replica when not distributed), so the
@@ -104,25 +106,29 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
     ``1/world_size`` share, padded by repeating samples so all ranks take the same number of
     steps; evaluate on a non-distributed loader (or de-duplicate) for exact test metrics.
     ``batch_size`` is per rank. Yields ``(float32 [B, C, H, W], int64 [B])``. Workers stay alive
-    between epochs unless ``persistent_workers=False``.
+    between epochs unless ``persistent_workers=False``. ``shard=(rank, world_size)`` shards like
+    ``distributed`` without needing a process group.
     """
-    if distributed:
+    if shard is not None:
+        rank, world_size = shard
+    elif distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be initialised first")
-        sampler = EpochSeededSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
-        sampler = EpochSeededSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        rank, world_size = 0, 1
+    sampler = EpochSeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     # Augmentation RNG in workers: each worker's torch seed derives from this generator, so a given
     # (seed, rank) reproduces the same augmentations run after run (with workers=0 the augmentations
     # draw from the main process's global RNG, which the trainer seeds).
-    rank = dist.get_rank() if distributed else 0
     generator = torch.Generator().manual_seed((seed * 65537 + rank) % 2**63)
     sampler.generator, sampler.base_seed = generator, (seed * 65537 + rank) % 2**63
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=pin_memory, drop_last=drop_last, persistent_workers=persistent_workers and workers > 0,
-                        generator=generator)
+                        generator=generator, collate_fn=collate_fn)
     return loader, sampler
 
 

@@ -253,7 +253,7 @@ class MSDNet(StagedMultiExit, nn.Module):
     Args:
         cfg: architecture (see :class:`MSDNetConfig` and the named configs in ``imta_fast.models``).
         gradient_equilibrium: apply IMTA's GE gradient rescaling on the coarsest scale (docs/method.md §2).
-        ge_impl: 'auto' (fused Triton backward on CUDA), 'torch' (reference) or 'triton'.
+        ge_impl: 'auto' (fused one-pass torch.lerp backward on CUDA), 'torch' (reference) or 'triton'.
 
     Shape:
         input ``[B, in_channels, H, W]``; ``forward`` returns ``(logits, features)``, two lists of

@@ -331,7 +331,7 @@ class RANet(StagedMultiExit, nn.Module):
     Args:
         cfg: architecture (see :class:`RANetConfig` and the ``ranet_*`` configs in ``imta_fast.models``).
         gradient_equilibrium: GE gradient rescaling at every stage boundary (module docstring).
-        ge_impl: 'auto' (fused Triton backward on CUDA), 'torch' (reference) or 'triton'.
+        ge_impl: 'auto' (fused one-pass torch.lerp backward on CUDA), 'torch' (reference) or 'triton'.
         reference_init: the reference's He-normal conv init (module docstring).
 
     Shape:
