@@ -6,7 +6,8 @@ with the simulated protocol, and the measured latency model's error (issue #10; 
 
 Cases: CPU (marked ``cpu_bench``: they run without CUDA): ``msdnet_cifar_anytime`` (3x32x32) and
 ``msdnet_mnist`` (1x28x28), B = 1024, fp32, one thread (``torch.set_num_threads(1)``; pin the process
-with ``taskset -c N`` on a shared box), eager stages, channels_last, Conv+BN folded, no buckets.  GPU (CUDA only): the
+with ``taskset -c N`` on a shared box), eager stages, channels_last, Conv+BN folded, no buckets,
+micro-batches ``auto`` (and the CIFAR net once more with whole stages, ``micro_batch=None``).  GPU (CUDA only): the
 same models and ``msdnet_imagenet_step4``, B in {256, 1024}, bf16 autocast, channels_last, Conv+BN
 folded, eager and CUDA graphs (buckets of 64 rows).  Random weights: meaningless accuracy, real per-stage costs.
 
@@ -51,7 +52,7 @@ REPEATS = int(os.environ.get("IMTA_BENCH_EE_REPEATS", "5"))
 
 def measure_case(model_name: str, batch_size: int, device: str = "cpu", *, impl: str = "eager", amp: bool = False,
                  channels_last: bool = True, threads: Optional[int] = 1, qs=QS, repeats: int = REPEATS,
-                 buckets=None, fold_bn: bool = False, seed: int = 0) -> Dict[str, object]:
+                 buckets=None, fold_bn: bool = False, micro_batch="auto", seed: int = 0) -> Dict[str, object]:
     """Everything the benchmark records for one case (see the module docstring)."""
     if threads and device == "cpu":
         torch.set_num_threads(threads)
@@ -65,7 +66,8 @@ def measure_case(model_name: str, batch_size: int, device: str = "cpu", *, impl:
     x = torch.randn(batch_size, *SHAPES[model_name], device=dev)
     amp_dtype = torch.bfloat16 if amp else None
     ev = EarlyExitEvaluator(model, buckets=buckets, cuda_graphs=impl == "cuda_graphs", compile=impl == "compile",
-                            amp_dtype=amp_dtype, channels_last=channels_last, fold_bn=fold_bn, timing=False)
+                            amp_dtype=amp_dtype, channels_last=channels_last, fold_bn=fold_bn, timing=False,
+                            micro_batch=None if impl == "cuda_graphs" else micro_batch)
     K = ev.num_exits
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
         xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -105,6 +107,7 @@ def measure_case(model_name: str, batch_size: int, device: str = "cpu", *, impl:
         "bench": "early_exit", "model": model_name, "batch_size": batch_size, "device": dev.type, "impl": impl,
         "dtype": "bf16" if amp else "fp32", "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "channels_last": channels_last, "buckets": buckets, "fold_bn": fold_bn,
+        "micro_batch": micro_batch, "chunk_rows": ev.executor.chunk_rows(x),
         "full_ms_per_image": full.median_ms / batch_size, "full_spread": full.spread,
         "budgets": rows,
         "min_clock_over_flops": min(eligible) if eligible else float("nan"),
@@ -118,7 +121,8 @@ def measure_case(model_name: str, batch_size: int, device: str = "cpu", *, impl:
 
 def format_case(r: Dict[str, object]) -> str:
     head = (f"{r['model']} B={r['batch_size']} {r['device']} {r['impl']} {r['dtype']} threads={r['threads']} "
-            f"channels_last={r['channels_last']} fold_bn={r['fold_bn']} buckets={r['buckets']}: full {r['full_ms_per_image']:.4f} ms/img "
+            f"channels_last={r['channels_last']} fold_bn={r['fold_bn']} buckets={r['buckets']} "
+            f"micro_batch={r['micro_batch']} (chunks of {r['chunk_rows']} rows): full {r['full_ms_per_image']:.4f} ms/img "
             f"(IQR {100 * r['full_spread']:.1f}%)")
     lines = [head, f"{'q':>5} {'FLOPs x':>8} {'clock x':>8} {'ratio':>6} {'ms/img':>8} {'IQR%':>5} {'pred':>8} "
                    f"{'err%':>5} {'agree':>7}"]
@@ -143,20 +147,21 @@ def _record(benchmark, r: Dict[str, object]) -> None:
         ev(x, tau)
         sync()
 
-    benchmark.group = f"early exit {r['device']} B={r['batch_size']} {r['impl']}"
+    benchmark.group = f"early exit {r['device']} B={r['batch_size']} {r['impl']} micro_batch={r['micro_batch']}"
     benchmark.pedantic(call, rounds=3 if x.device.type == "cpu" else 20, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update({k: v for k, v in r.items() if not k.startswith("_")})
 
 
-CPU_CASES = [("msdnet_cifar_anytime", 1024), ("msdnet_mnist", 1024)]
+CPU_CASES = [("msdnet_cifar_anytime", 1024, "auto"), ("msdnet_mnist", 1024, "auto"),
+             ("msdnet_cifar_anytime", 1024, None)]  # whole stages: what micro-batches buy
 GPU_CASES = [(m, b, impl) for m in ("msdnet_cifar_anytime", "msdnet_mnist", "msdnet_imagenet_step4")
              for b in (256, 1024) for impl in ("eager", "cuda_graphs")]
 
 
 @pytest.mark.cpu_bench
-@pytest.mark.parametrize("model_name,batch_size", CPU_CASES)
-def test_early_exit_cpu(benchmark, model_name, batch_size):
-    r = measure_case(model_name, batch_size, "cpu", threads=1, fold_bn=True)
+@pytest.mark.parametrize("model_name,batch_size,micro_batch", CPU_CASES)
+def test_early_exit_cpu(benchmark, model_name, batch_size, micro_batch):
+    r = measure_case(model_name, batch_size, "cpu", threads=1, fold_bn=True, micro_batch=micro_batch)
     _record(benchmark, r)
 
 
@@ -171,7 +176,7 @@ def test_early_exit_gpu(benchmark, model_name, batch_size, impl):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="CPU quick run of the early-exit benchmark (prints the table)")
-    p.add_argument("--model", nargs="+", default=[m for m, _ in CPU_CASES], choices=sorted(SHAPES))
+    p.add_argument("--model", nargs="+", default=[m for m, _, mb in CPU_CASES if mb == "auto"], choices=sorted(SHAPES))
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -181,13 +186,17 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="eager", choices=["eager", "compile", "cuda_graphs"])
     p.add_argument("--amp", action="store_true")
     p.add_argument("--fold-bn", action="store_true")
+    p.add_argument("--micro-batch", default="auto", help="auto, none or rows per chunk")
     args = p.parse_args(argv)
+    mb = {"auto": "auto", "none": None}.get(args.micro_batch.lower(), None)
+    if mb is None and args.micro_batch.lower() != "none":
+        mb = int(args.micro_batch)
     from imta_fast.inference.buckets import parse_buckets
 
     for m in args.model:
         r = measure_case(m, args.batch_size, args.device, impl=args.impl, amp=args.amp, threads=args.threads,
                          repeats=args.repeats, buckets=parse_buckets(args.buckets),
-                         channels_last=not args.no_channels_last, fold_bn=args.fold_bn)
+                         channels_last=not args.no_channels_last, fold_bn=args.fold_bn, micro_batch=mb)
         print(format_case(r), flush=True)
     return 0
 

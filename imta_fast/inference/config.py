@@ -57,6 +57,9 @@ class EvalConfig:
                                                "about 1.9x faster on CPU for the CIFAR MSDNet)")
     fold_bn: Optional[bool] = _opt(None, "fold each Conv2d+BatchNorm2d pair in wallclock mode (default: on; "
                                          "logits change in the last bits, exit agreement is reported)")
+    micro_batch: str = _opt("auto", "early-exit stages run in chunks of at most this many rows: auto (CPU: sized "
+                                    "so each state tensor stays ~16 MB, avoiding fresh mmap pages per op; CUDA: "
+                                    "whole stages), none, or a number")
     streaming: bool = _opt(False, "wallclock mode at batch size 1 without padding rows (exit agreement reported)")
     threads: Optional[int] = _opt(None, "torch.set_num_threads before timing (e.g. 1)")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
@@ -74,6 +77,20 @@ class EvalConfig:
         if self.streaming and self.latency_budget is not None:
             raise ValueError("--latency-budget needs batched timing; drop --streaming")
         self.bucket_spec()  # validates
+        self.micro_batch_spec()
+
+    def micro_batch_spec(self):
+        """The executor's ``micro_batch``: None, 'auto' or a positive int, from ``--micro-batch``."""
+        t = str(self.micro_batch).strip().lower()
+        if t in ("auto", "none"):
+            return None if t == "none" else "auto"
+        try:
+            rows = int(t)
+        except ValueError:
+            rows = 0
+        if rows < 1:
+            raise ValueError(f"bad --micro-batch {self.micro_batch!r}: use auto, none or a positive number of rows")
+        return rows
 
     def bucket_spec(self):
         """The executor's buckets: parsed ``--buckets``, with ``auto`` resolved."""

@@ -47,6 +47,8 @@ class EarlyExitBatch:
         stage_ms: ``[K]`` wall time of each stage (stage 0 includes the stem and the input padding;
             each stage includes its confidence and the compaction of its survivors); 0 for stages
             no sample reached.
+        gather_ms: ``[K]`` the part of ``stage_ms`` spent compacting the survivors for the next stage
+            (0 when nothing was gathered); the latency model charges it by the rows gathered.
         active: ``[K]`` samples entering each stage; computed: ``[K]`` rows computed (with padding).
         total_ms: sum of ``stage_ms`` (output allocation excluded: time whole calls from outside,
             :mod:`imta_fast.inference.timing`, to compare with another configuration).
@@ -59,6 +61,7 @@ class EarlyExitBatch:
     active: List[int]
     computed: List[int]
     total_ms: float
+    gather_ms: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -100,7 +103,8 @@ class EarlyExitEvaluator:
         timing: record per-stage times (one extra sync at the end of each batch on CUDA).
         executor: a ready :class:`StageExecutor` (then the execution options below must be left out).
         **execution: :class:`StageExecutor` options: ``buckets``, ``compile``, ``compile_backend``,
-            ``compile_mode``, ``cuda_graphs``, ``amp_dtype``, ``channels_last``, ``min_rows``.
+            ``compile_mode``, ``cuda_graphs``, ``amp_dtype``, ``channels_last``, ``min_rows``, ``fold_bn``,
+            ``micro_batch`` (``'auto'``: CPU stages in cache-sized row chunks, much faster at B = 1024).
 
     Example:
         >>> ev = EarlyExitEvaluator(model.eval(), thresholds)
@@ -179,9 +183,9 @@ class EarlyExitEvaluator:
         active, computed = [0] * K, [0] * K
         timer = StageTimer(device, timing)
         if n == 0:
-            return EarlyExitBatch(preds, exits, confs, [0.0] * K, active, computed, 0.0)
+            return EarlyExitBatch(preds, exits, confs, [0.0] * K, active, computed, 0.0, [0.0] * K)
         ex.begin_batch()
-        timer.mark()
+        timer.mark()  # then two marks per stage reached: computed (+ exit decision), compacted
         ids = torch.arange(n, device=device)  # original sample index of each valid row
         state, rows = ex.prepare(x)
         for k in range(K):
@@ -194,14 +198,16 @@ class EarlyExitEvaluator:
             exits.index_fill_(0, ids, k)
             if k == K - 1:
                 timer.mark()
+                timer.repeat()  # no compaction after the last stage
                 break
             stay = ~(conf >= tau[k])  # same comparison as apply_thresholds (NaN confidence stays)
             if rows != n:
                 stay &= torch.arange(rows, device=device) < n
             order = torch.argsort((~stay).to(torch.int32), stable=True)  # survivors first, in order
             n_stay = int(stay.sum())  # the one host sync of this stage
+            timer.mark()
             if n_stay == 0:
-                timer.mark()
+                timer.repeat()
                 break
             new_rows = ex.rows(n_stay, batch)
             if n_stay != n:
@@ -212,8 +218,10 @@ class EarlyExitEvaluator:
             n, rows = n_stay, new_rows
             timer.mark()
         ms = timer.intervals_ms()
-        stage_ms = (ms + [0.0] * K)[:K]
-        return EarlyExitBatch(preds, exits, confs, stage_ms, active, computed, float(sum(ms)))
+        compute_ms, gather_ms = ms[0::2], ms[1::2]
+        stage_ms = ([c + g for c, g in zip(compute_ms, gather_ms)] + [0.0] * K)[:K]
+        gather_ms = (gather_ms + [0.0] * K)[:K]
+        return EarlyExitBatch(preds, exits, confs, stage_ms, active, computed, float(sum(ms)), gather_ms)
 
     @torch.no_grad()
     def full_network(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,17 @@ Execution modes, each with a way back to plain PyTorch:
 
 Row counts come from :func:`imta_fast.inference.buckets.resolve_bucket` (the one rounding rule, shared
 with the latency model).  Padded rows repeat valid rows (no NaN/inf from uninitialised memory).
+
+Micro-batches (``micro_batch``, CPU): a stage's rows can run as chunks of at most ``M`` rows, the state
+kept as a list of chunk states (:class:`Chunks`); compaction gathers the survivors of all chunks and
+re-packs them into full chunks, so late stages still run wide chunks.  Why: on CPU a B = 1024 MSDNet
+stage allocates activations of 40-170 MB; glibc serves every block above 32 MB with a fresh ``mmap``
+(zeroed pages, ~700,000 page faults per CIFAR full-network pass) and the working set leaves the caches.
+Chunks of ~16 MB per state tensor reuse heap blocks and stay cache-sized: the CIFAR MSDNet's full
+network ran 1.7-2.9x faster per image on one CPU core (benchmarks/NOTES.md "Early exit").  ``'auto'``
+sizes the chunks from the state's bytes per row (:data:`AUTO_MICRO_BATCH_BYTES`); CUDA gains nothing
+(the caching allocator reuses blocks; big batches fill the GPU) and CUDA graphs need one static input
+per shape, so ``'auto'`` means no chunking on CUDA.
 """
 from __future__ import annotations
 
@@ -29,16 +40,50 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from imta_fast.inference.buckets import Buckets, normalize_buckets, resolve_bucket
 from imta_fast.inference.protocol import max_softmax
 
-__all__ = ["StageExecutor", "StageTimer", "DEFAULT_COMPILED_BUCKETS"]
+__all__ = ["StageExecutor", "StageTimer", "Chunks", "chunk_sizes", "DEFAULT_COMPILED_BUCKETS",
+           "AUTO_MICRO_BATCH_BYTES"]
 
 #: Buckets used when ``compile`` or ``cuda_graphs`` is on and none are given: multiples of 64 rows
 #: (measured in benchmarks/NOTES.md "Early exit": powers of two waste up to half a stage in padding).
 DEFAULT_COMPILED_BUCKETS = 64
+
+#: ``micro_batch='auto'`` on CPU: rows per chunk such that the largest state tensor after stage 0 holds
+#: at most this many bytes (well under glibc's 32 MB mmap ceiling; see the module docstring).
+AUTO_MICRO_BATCH_BYTES = 16 << 20
+_AUTO_MIN_ROWS = 16  # below this, per-op overheads outweigh what smaller chunks save
+
+MicroBatch = Union[None, int, str]
+
+
+class Chunks(list):
+    """A stage state split into row chunks (a list of states; rows concatenate in order) of at most
+    ``limit`` rows each."""
+
+    def __init__(self, chunks=(), limit: int = 0):
+        super().__init__(chunks)
+        self.limit = limit
+
+
+def chunk_sizes(rows: int, micro_batch: int, step: Optional[int] = None) -> List[int]:
+    """Row counts of the chunks of ``rows`` rows, each at most ``micro_batch``.
+
+    With a bucket step (compile / CUDA-graph shapes must stay bounded) chunks are ``micro_batch``
+    rounded up to the step, the last one what is left (a multiple of the step, since ``rows`` is).
+    Otherwise the chunks are balanced (sizes differ by at most one), so no chunk is a stray row or two
+    (a single row goes through GEMV and differs in the last bits from the batched result)."""
+    if rows <= micro_batch:
+        return [rows]
+    if step:
+        m = -(-micro_batch // step) * step
+        return [m] * (rows // m) + ([rows % m] if rows % m else [])
+    n = -(-rows // micro_batch)
+    base, extra = divmod(rows, n)
+    return [base + 1] * extra + [base] * (n - extra)
 
 
 def _empty_rows_like(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -56,7 +101,34 @@ def _index_rows(t, idx: torch.Tensor):
 
 
 def _first_rows(state) -> int:
+    if isinstance(state, Chunks):
+        return sum(_first_rows(c) for c in state)
     return next(t for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)).shape[0]
+
+
+def _gather_chunks(chunks: Chunks, idx: torch.Tensor, sizes: List[int], limit: int) -> Chunks:
+    """Rows ``idx`` (of the chunks' concatenation) re-packed into chunks of ``sizes`` rows.  Each run
+    of consecutive rows from one source chunk is one ``index_select`` written straight into the new
+    chunk (no intermediate copy)."""
+    counts = [_first_rows(c) for c in chunks]
+    ends = torch.tensor(counts, device=idx.device).cumsum(0)
+    starts = (ends - ends.new_tensor(counts)).tolist()
+    flat = [tree_flatten(c) for c in chunks]
+    spec = flat[0][1]
+    out = Chunks(limit=limit)
+    for sub in idx.split(sizes):
+        src = torch.searchsorted(ends, sub, right=True)
+        ids, lens = torch.unique_consecutive(src, return_counts=True)
+        leaves = [_empty_rows_like(t, sub.numel()) if isinstance(t, torch.Tensor) else t for t in flat[0][0]]
+        a = 0
+        for j, n in zip(ids.tolist(), lens.tolist()):
+            local = sub[a:a + n] - starts[j]
+            for i, t in enumerate(flat[j][0]):
+                if isinstance(t, torch.Tensor):
+                    torch.index_select(t, 0, local, out=leaves[i][a:a + n])
+            a += n
+        out.append(tree_unflatten(leaves, spec))
+    return out
 
 
 class StageTimer:
@@ -76,6 +148,11 @@ class StageTimer:
             self.marks.append(ev)
         else:
             self.marks.append(time.perf_counter())
+
+    def repeat(self) -> None:
+        """A mark at the previous one: an interval of exactly 0 (a step that did not happen)."""
+        if self.enabled and self.marks:
+            self.marks.append(self.marks[-1])
 
     def intervals_ms(self) -> List[float]:
         if len(self.marks) < 2:
@@ -134,6 +211,9 @@ class StageExecutor:
         fold_bn: run a copy of the model with every Conv2d+BatchNorm2d pair folded (:func:`fold_batchnorm`;
             eval-mode BN is an affine map).  On CPU the separate BN pass is ~30 % of MSDNet's stage 0
             (benchmarks/NOTES.md "Early exit"); logits change in the last bits.
+        micro_batch: run each stage in chunks of at most this many rows (see the module docstring):
+            ``None`` (whole stages), an int, or ``'auto'`` (CPU: from the state's bytes per row,
+            :data:`AUTO_MICRO_BATCH_BYTES`; CUDA: no chunks).  Not with ``cuda_graphs``.
     """
 
     def __init__(
@@ -149,9 +229,15 @@ class StageExecutor:
         channels_last: bool = False,
         min_rows: int = 2,
         fold_bn: bool = False,
+        micro_batch: MicroBatch = None,
     ):
         if cuda_graphs and compile_mode == "reduce-overhead":
             raise ValueError("use either cuda_graphs=True or compile_mode='reduce-overhead', not both")
+        if not (micro_batch is None or micro_batch == "auto" or (isinstance(micro_batch, int)
+                                                                   and not isinstance(micro_batch, bool) and micro_batch >= 1)):
+            raise ValueError(f"micro_batch must be None, 'auto' or a positive number of rows, got {micro_batch!r}")
+        if cuda_graphs and isinstance(micro_batch, int):
+            raise ValueError("micro_batch chunks need one static input per chunk; not with cuda_graphs=True")
         if fold_bn:
             model = fold_batchnorm(model)
         self.model = model
@@ -167,6 +253,8 @@ class StageExecutor:
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.min_rows = max(int(min_rows), 1)
+        self.micro_batch = micro_batch
+        self._auto_rows: Dict[tuple, Optional[int]] = {}
         stages = [_make_stage(model, k) for k in range(self.num_stages)]
         if compile:
             n_shapes = len(self.buckets) + 16 if isinstance(self.buckets, list) else 64
@@ -201,15 +289,41 @@ class StageExecutor:
             x = x.contiguous(memory_format=torch.channels_last)
         b = x.shape[0]
         rows = self.rows(b, b)
-        if rows == b and not self.uses_graphs(x.device):
-            return x, rows
-        pad = torch.zeros(rows, dtype=torch.long, device=x.device)
-        pad[:b] = torch.arange(b, device=x.device)
-        return self.gather(0, x, pad), rows
+        if rows != b or self.uses_graphs(x.device):
+            pad = torch.zeros(rows, dtype=torch.long, device=x.device)
+            pad[:b] = torch.arange(b, device=x.device)
+            x = self.gather(0, x, pad)
+        m = self.chunk_rows(x)
+        if m is not None and rows > m:
+            return Chunks(x.split(chunk_sizes(rows, m, self._bucket_step())), limit=m), rows
+        return x, rows
+
+    def _bucket_step(self) -> Optional[int]:
+        return self.buckets if isinstance(self.buckets, int) and self.buckets > 1 else None
+
+    def chunk_rows(self, x: torch.Tensor) -> Optional[int]:
+        """Rows per chunk for inputs like ``x`` (None: whole stages).  ``'auto'`` runs the stem and
+        stage 0 once on two rows to read the state's bytes per row (cached per input shape)."""
+        if self.micro_batch is None or self.uses_graphs(x.device):
+            return None
+        if self.micro_batch != "auto":
+            return int(self.micro_batch)
+        if x.device.type == "cuda":
+            return None
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._auto_rows:
+            with torch.no_grad(), self.autocast(x.device):  # eager: no compile for a 2-row shape
+                state, _, _ = _make_stage(self.model, 0)(x[:2])
+            per_row = max(t[0].numel() * t.element_size() for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor))
+            self._auto_rows[key] = max(_AUTO_MIN_ROWS, AUTO_MICRO_BATCH_BYTES // max(per_row, 1))
+        return self._auto_rows[key]
 
     def gather(self, k: int, state, idx: torch.Tensor):
         """Rows ``idx`` of every tensor leaf of ``state``, as stage ``k``'s input; written straight
-        into graph ``(k, len(idx))``'s static input when that graph is captured."""
+        into graph ``(k, len(idx))``'s static input when that graph is captured.  A chunked state
+        comes back re-packed into full chunks."""
+        if isinstance(state, Chunks):
+            return _gather_chunks(state, idx, chunk_sizes(idx.numel(), state.limit, self._bucket_step()), state.limit)
         entry = self._graphs.get((k, idx.numel())) if self.uses_graphs(idx.device) else None
         if entry is None:
             return tree_map(lambda t: _index_rows(t, idx), state)
@@ -223,7 +337,12 @@ class StageExecutor:
     # ------------------------------------------------------------------ running
     def run(self, k: int, state, device: torch.device):
         """Stage ``k`` on ``state`` -> ``(next state, confidence [rows] float32, prediction [rows])``.
-        With CUDA graphs the outputs live in the graph's buffers until its next replay."""
+        With CUDA graphs the outputs live in the graph's buffers until its next replay.  A chunked
+        state runs chunk by chunk; confidence and prediction come back as one ``[rows]`` tensor each."""
+        if isinstance(state, Chunks):
+            outs = [self.run(k, c, device) for c in state]
+            return (Chunks((o[0] for o in outs), limit=state.limit), torch.cat([o[1] for o in outs]),
+                    torch.cat([o[2] for o in outs]))
         if not self.uses_graphs(device):
             with self.autocast(device):
                 return self._stages[k](state)

@@ -152,7 +152,8 @@ def wallclock_evaluation(result: RunResult, data: RunData, logits: dict, dist) -
     ev = EarlyExitEvaluator(model, buckets=None if cfg.streaming else cfg.bucket_spec(), compile=cfg.compile,
                             cuda_graphs=cfg.cuda_graphs and device.type == "cuda", amp_dtype=amp_dtype,
                             channels_last=channels_last, min_rows=1 if cfg.streaming else 2,
-                            fold_bn=cfg.fold_bn if cfg.fold_bn is not None else True)
+                            fold_bn=cfg.fold_bn if cfg.fold_bn is not None else True,
+                            micro_batch=None if (cfg.streaming or cfg.cuda_graphs) else cfg.micro_batch_spec())
     loader = torch.utils.data.DataLoader(data.bundle.test, batch_size=bs, shuffle=False, num_workers=cfg.workers)
     batches = [x.to(device) for x, _ in loader]
     labels = logits["test_labels"].to(device)

@@ -25,6 +25,9 @@ def test_flags_types_and_tristate():
     assert parse_eval_config(["a"]).bucket_spec() is None
     assert parse_eval_config(["a", "--compile"]).bucket_spec() == 64
     assert parse_eval_config(["a"]).run_labels == ["a"]
+    assert parse_eval_config(["a"]).micro_batch_spec() == "auto"
+    assert parse_eval_config(["a", "--micro-batch", "none"]).micro_batch_spec() is None
+    assert parse_eval_config(["a", "--micro-batch", "96"]).micro_batch_spec() == 96
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -32,6 +35,8 @@ def test_flags_types_and_tristate():
     (["a", "--buckets", "step0"], "--buckets"),
     (["a", "--repeats", "0"], "repeats"),
     (["a", "--streaming", "--latency-budget", "1"], "streaming"),
+    (["a", "--micro-batch", "0"], "--micro-batch"),
+    (["a", "--micro-batch", "lots"], "--micro-batch"),
 ])
 def test_bad_values_are_one_line_errors(argv, match, capsys):
     with pytest.raises(ValueError, match=match):

@@ -148,3 +148,37 @@ def test_fit_latency_budget_uses_recorded_rounding():
     fit = fit_latency_budget(conf, pred, pred[-1], costs, 2.5)
     # with buckets of 64 rows every stage any sample reaches costs the whole batch
     assert fit.feasible and fit.predicted_ms in (1.0, 2.0)
+
+
+def test_compaction_is_charged_by_the_rows_gathered(monkeypatch):
+    """A profile gathers every row; a real run gathers only the survivors.  With compaction costing
+    ``G`` virtual ms per gathered row, the model charges it by the rows entering the next stage: its
+    prediction matches the clock, and dropping the gather table (compaction inside ``t_k(r_k)``)
+    over-predicts budgets with many early exits."""
+    G = 0.4
+    clock = VirtualClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    torch.manual_seed(0)
+    net = ClockNet(clock).eval()
+    monkeypatch.setattr(ClockNet, "C", 0.0)  # linear stage costs: the interpolation itself is exact
+    x = torch.randn(64, 3) * 3
+    ev = EarlyExitEvaluator(net, min_rows=2)
+    gather = ev.executor.gather
+
+    def costly_gather(k, state, idx):
+        clock.work(G * idx.numel())
+        return gather(k, state, idx)
+
+    monkeypatch.setattr(ev.executor, "gather", costly_gather)
+    costs = measure_stage_costs(ev, x, batch_sizes=[64, 32, 16], repeats=3, warmup=1)
+    assert costs.gather_table_ms[0] == pytest.approx([G * r for r in (16, 32, 64)])
+    assert costs.gather_table_ms[-1] == pytest.approx([0.0, 0.0, 0.0])
+    conf, pred = confidences_and_predictions([torch.stack([x[:, k], torch.zeros(64)], 1) for k in range(3)])
+    thr = fit_thresholds(conf, exit_fractions(0.3, 3))  # most samples leave early
+    out = ev(x, thr)
+    assert out.gather_ms[0] == pytest.approx(G * out.active[1]) and out.gather_ms[2] == 0.0
+    idx = apply_thresholds(conf, pred, pred[0], thr).exit_index
+    measured = time_interleaved({"q": lambda: ev(x, thr)}, repeats=3, warmup=1)["q"].median_ms
+    assert predict_batches_ms(idx, costs, 64) * 64 == pytest.approx(measured, rel=0.02)
+    old_style = StageCosts(**{**costs.to_dict(), "gather_table_ms": []})
+    assert predict_batches_ms(idx, old_style, 64) * 64 > 1.1 * measured
