@@ -5,11 +5,21 @@ GPU cases (skipped without CUDA): K = 5 exits, B in {256, 1024, 8192}, C in {100
 with and without a teacher (IMTA OFA: T = 1, gamma = 0.1, 'mean'; label smoothing 0.1).  The logits
 arrive as a list of K tensors, as the model returns them, so every provider pays its own stacking (the
 fused path takes the K tensors without stacking).  ``compile`` gets a fresh ``torch.compile`` object per
-case after ``torch._dynamo.reset()`` (one object reused across shapes hit the recompile limit).  GB/s
-and the copy-bandwidth fraction come from CUDA-event times (benchmarks/conftest.py).
+case after ``torch._dynamo.reset()`` (one object reused across shapes hit the recompile limit), and runs
+only where a target needs it (B = 256, C = 1000, teacher): each case is a cold inductor compile of
+seconds, and the file has one minute in benchmarks/run_gpu.sh.  GB/s and the copy-bandwidth fraction
+come from CUDA-event times (benchmarks/conftest.py).
 
 ``bytes_ideal`` = read the K logit tensors (+ the teacher) and write their gradient once:
 (2K (+1)) * B * C * itemsize -- the floor for any implementation; GB/s are against that.
+
+Launch tuning (issue #9 item 5): in the C = 1000 cases with a teacher ``triton`` runs as a training step
+would, so its warm-up rounds tune the launch configuration (each candidate is one more kernel compile;
+the other cases run the heuristic's, ``IMTA_FAST_KERNEL_AUTOTUNE=0``, to stay within the time cap).
+``extra_info`` records the configuration used (``launch_config``), the heuristic's, and where tuned the
+tuner's own per-candidate times (``autotune_ms``: CUDA events, L2 flushed, the kernel alone).
+``triton_heuristic`` (B = 256 and 8192 of those cases) forces the heuristic's configuration, for the
+tuned-vs-heuristic ratio of the whole forward + backward in benchmarks/targets.py.
 
 CPU case (``cpu_bench``, runs anywhere): host cost per forward + backward call of the fused path with the
 kernel launches replaced by no-ops, against the eager PyTorch loss on a problem so small that its
@@ -18,6 +28,8 @@ route (stack + ``torch.library`` op + its autograd wrapper) for comparison.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -25,7 +37,11 @@ K = 5
 BATCHES = [256, 1024, 8192]
 CLASSES = [100, 1000]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ["eager", "compile", "triton"]
+PROVIDERS = ["eager", "compile", "triton", "triton_heuristic"]
+# (B, C, teacher) of the cases where ...
+COMPILE_CASES = {(256, 1000, True)}  # ... torch.compile runs (the target's shape)
+TUNED_CASES = {(b, 1000, True) for b in BATCHES}  # ... the launch configuration is tuned
+HEURISTIC_CASES = {(256, 1000, True), (8192, 1000, True)}  # ... triton_heuristic runs
 
 
 def _loss_kwargs(kd: bool) -> dict:
@@ -50,18 +66,42 @@ def _provider(name: str, kd: bool):
     return lambda z, y, t: dispatch.multi_exit_loss(z, y, t, impl="triton", **kw)
 
 
+def _launch_info(B: int, C: int, dtype: torch.dtype, kd: bool) -> dict:
+    """The launch configuration the fused path used for this case: the tuner's record (heuristic, chosen,
+    per-candidate ms) when it tuned, else the heuristic's (tuning off, or a single candidate)."""
+    from imta_fast.kernels import multi_exit_kd as kd_mod
+
+    name = str(dtype).replace("torch.", "")
+    for rec in kd_mod.autotune_log():
+        if (rec["B"], rec["C"], rec["K"], rec["dtype"], rec["teacher"], rec["write_grad"]) == (B, C, K, name, kd, True):
+            return {"launch_config": rec["chosen"], "launch_heuristic": rec["heuristic"], "autotuned": True,
+                    "autotune_ms": rec["times_ms"]}
+    heuristic = str(kd_mod.candidate_configs(B, C, K)[0])
+    return {"launch_config": heuristic, "launch_heuristic": heuristic, "autotuned": False}
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("kd", [False, True], ids=["ce", "kd"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("C", CLASSES, ids=lambda c: f"C{c}")
 @pytest.mark.parametrize("B", BATCHES, ids=lambda b: f"B{b}")
-def test_multi_exit_loss_fwd_bwd(cuda_bench, B, C, dtype, kd, provider):
+def test_multi_exit_loss_fwd_bwd(cuda_bench, benchmark, monkeypatch, B, C, dtype, kd, provider):
+    from imta_fast.kernels import multi_exit_kd as kd_mod
+
+    if provider == "triton_heuristic" and (B, C, kd) not in HEURISTIC_CASES:
+        pytest.skip("heuristic-vs-tuned launch is compared on the target cases only")
+    if provider == "compile" and (B, C, kd) not in COMPILE_CASES:
+        pytest.skip("torch.compile (a cold inductor compile per case) runs on the target shape only")
+    if (B, C, kd) not in TUNED_CASES:
+        monkeypatch.setenv(kd_mod.AUTOTUNE_ENV, "0")
     dt = DTYPES[dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
     zs = [(torch.randn(B, C, device="cuda", generator=gen) * 3).to(dt).requires_grad_(True) for _ in range(K)]
     y = torch.randint(0, C, (B,), device="cuda", generator=gen)
     t = (torch.randn(B, C, device="cuda", generator=gen) * 3).to(dt) if kd else None
-    fn = _provider(provider, kd)
+    fn = _provider("triton" if provider == "triton_heuristic" else provider, kd)
+    heuristic = kd_mod.candidate_configs(B, C, K)[0]
+    forced = kd_mod.launch_config(heuristic) if provider == "triton_heuristic" else contextlib.nullcontext()
 
     def step():
         loss = fn(zs, y, t)
@@ -69,8 +109,13 @@ def test_multi_exit_loss_fwd_bwd(cuda_bench, B, C, dtype, kd, provider):
 
     itemsize = torch.finfo(dt).bits // 8
     nbytes = (2 * K + (1 if kd else 0)) * B * C * itemsize
-    cuda_bench(step, nbytes, group=f"multi_exit_loss K{K} B{B} C{C} {dtype} {'kd' if kd else 'ce'}",
-               bench="multi_exit_loss", provider=provider, K=K, B=B, C=C, dtype=dtype, teacher=kd)
+    with forced:
+        cuda_bench(step, nbytes, group=f"multi_exit_loss K{K} B{B} C{C} {dtype} {'kd' if kd else 'ce'}",
+                   bench="multi_exit_loss", provider=provider, K=K, B=B, C=C, dtype=dtype, teacher=kd)
+    if provider == "triton":
+        benchmark.extra_info.update(_launch_info(B, C, dt, kd))
+    elif provider == "triton_heuristic":
+        benchmark.extra_info.update(launch_config=str(heuristic), launch_heuristic=str(heuristic), autotuned=False)
 
 
 # ----------------------------------------------------------------------------- host cost (CPU)

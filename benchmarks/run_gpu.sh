@@ -15,6 +15,7 @@
 #   bench_train          python -m benchmarks.bench_train (interleaved ladder; pytest-benchmark-shaped JSON)
 #   bench_multi_exit_kd, bench_gradient_equilibrium, bench_evaluator, bench_loaders, bench_methods
 #              pytest <file> --benchmark-only --benchmark-json=$OUT/<name>.json   (each only if the file exists)
+#   kernel_registers  python -m benchmarks.kernel_registers > $OUT/kernel_registers.md (ptxas registers/spills)
 #   summary    python -m benchmarks.summary $OUT/*.json > $OUT/summary.md  (every target: measured vs goal)
 # Output in $OUT (default benchmarks/results/<UTC time>_<commit>/): the JSON files, one <step>.log each,
 # steps.tsv (step, exit code, seconds) and summary.md.  Exits 0 even when a target is missed or a step fails
@@ -143,6 +144,13 @@ for spec in bench_multi_exit_kd:60 bench_gradient_equilibrium:30 bench_evaluator
         --benchmark-json="$OUT/$name.json" --benchmark-columns=min,median,mean,stddev,rounds \
         --benchmark-sort=name --benchmark-group-by=group
 done
+
+# ---- registers / spills / blocks per SM of the fused loss kernel's launch candidates with this machine's
+# Triton and its bundled ptxas (an AOT compile; needs no GPU, runs last, only if time is left)
+if [ -f benchmarks/kernel_registers.py ]; then
+    step kernel_registers "$(cap kernel_registers 60)" bash -c "$PYTHON -m benchmarks.kernel_registers -q \
+        > '$OUT/kernel_registers.md'; rc=\$?; cat '$OUT/kernel_registers.md'; exit \$rc"
+fi
 
 # ---- one table of every target (a missed target does not fail the script)
 if [ -f benchmarks/summary.py ]; then

@@ -54,6 +54,11 @@ TARGETS: List[Target] = [
            note="bytes_ideal = (2K+1) B C itemsize over the event-timed median"),
     Target("multi_exit_loss K5 C1000 B8192 fp32: fraction of copy bandwidth", 0.80,
            numerator=_kd_case("triton", 8192, dtype="fp32"), metric="fraction_of_copy_bw"),
+    *[Target(f"multi_exit_loss K5 C1000 B{b} bf16 fwd+bwd: autotuned vs heuristic launch", 0.97,
+             numerator=_kd_case("triton_heuristic", b), denominator=_kd_case("triton", b), metric="event_ms_median",
+             note="heuristic time / tuned time (issue #9 item 5): the tuner must not pick a slower configuration; "
+                  "> 1 is what tuning gains")
+      for b in (256, 8192)],
     Target("ge_backward imagenet_b256_384x7x7 bf16: fraction of copy bandwidth", 0.80,
            numerator={"bench": "ge_backward", "provider": "split_fused", "shape_name": "imagenet_b256_384x7x7",
                       "dtype": "bf16", "channels_last": False},

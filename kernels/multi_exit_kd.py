@@ -21,12 +21,24 @@ no CE term and no CE gradient.
 
 Per-exit ``(a_ce_k, a_kd_k) = (w_k (1-g_k), w_k g_k)`` come from ``exit_coef``.  One program owns a tile of
 ``BLOCK_B`` samples and loops over the K exits, so the teacher statistics are computed once per
-sample.  When a row fits in one ``BLOCK_C`` chunk (C <= 4096 on GPU: C = 10/100/1000) the row is read
-once and kept in registers; otherwise an online-softmax pass (running max, rescaled sums) is followed
-by a second pass that writes the gradient.  The loss terms are accumulated element-wise in the log
-domain (no ``sum(p z) - m`` cancellation), so logits of magnitude 1e4 are safe.  When C and the row
-strides are multiples of 16 bytes' worth of elements (C = 1000 in bf16), an ``ALIGN`` hint gives
-16-byte vector loads and stores.
+sample; or, with ``EXIT_SPLIT`` (small B: too few row tiles to fill the GPU), K programs per tile take
+one exit each and each recomputes the tile's teacher statistics (K reads of the teacher instead of one,
+K - 1 of them L2 hits: a tile's K programs are adjacent in the grid).  When a row fits in one
+``BLOCK_C`` chunk (C <= 4096 on GPU: C = 10/100/1000) the row is read once and kept in registers;
+otherwise an online-softmax pass (running max, rescaled sums) is followed by a second pass that writes
+the gradient.  The loss terms are accumulated element-wise in the log domain (no ``sum(p z) - m``
+cancellation), so logits of magnitude 1e4 are safe; softmax probabilities are exponentials times a
+per-row reciprocal (no per-element division).  When C and the row strides are multiples of 16 bytes'
+worth of elements (C = 1000 in bf16), an ``ALIGN`` hint gives 16-byte vector loads and stores.
+
+Launch configuration (tile, warps, exit split): a heuristic (8 elements per thread, <= 1024-element
+tiles below C = 4096, exit split under 512 row tiles) and, on a GPU, up to 3 alternatives
+(:func:`candidate_configs`).  The first call per (B, C, K, dtype, teacher, sample weights, gradient,
+alignment) times each candidate with CUDA events and keeps the fastest in a dict; later calls are one
+lookup.  ``IMTA_FAST_KERNEL_AUTOTUNE=0`` switches the timing off (the heuristic, or a winner already
+cached); tracing (``torch.compile``), CUDA graph capture, dispatch modes and the interpreter never
+time.  Registers / spills / blocks per SM at sm_90a per candidate: ``python -m
+benchmarks.kernel_registers`` (benchmarks/NOTES.md "Kernels").
 
 Exits: up to 8 exit tensors per launch as separate pointer arguments (``z0 .. z7``, ``K`` a compile-time
 constant, the loop over exits unrolled), so a list of heads' outputs is never stacked; more exits go in
@@ -34,7 +46,8 @@ groups of 8 (the teacher is then re-read once per group).  A [K, B, C] tensor is
 
 Ignored rows (``target == ignore_index``, default -100): no CE and no CE gradient, and CE's mean is over
 the rows not ignored (``F.cross_entropy``); KD still applies to them.  The count of those rows is made in
-the kernel for B <= 1024 (each program reads the B targets, an L2 hit) or by one ATen reduction on [B].
+the kernel for B <= 1024 when all programs together read at most 2**20 targets (each program reads the
+B targets, L2 hits) or else by one ATen reduction on [B].
 
 Autograd, eager (``_FusedMultiExitLoss``, a plain ``autograd.Function``: the ``torch.library`` wrapper's
 host cost dominates a host-bound step): the forward writes ``d(loss)/d(logits)`` into one [K, B, C]
@@ -60,7 +73,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, List, Optional, Tuple
+import os
+import warnings
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -70,7 +85,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from imta_fast.kernels._runtime import INTERPRET, USES_TRITON_OP, jit
 
 __all__ = ["multi_exit_kd", "multi_exit_kd_exits", "multi_exit_kd_forward", "fused_multi_exit_loss", "scale_grad",
-           "multi_exit_kd_flops", "block_sizes", "INTERPRET", "USES_TRITON_OP"]
+           "multi_exit_kd_flops", "block_sizes", "launch_config", "LaunchConfig", "candidate_configs", "autotune_log",
+           "clear_autotune_cache", "AUTOTUNE_ENV", "INTERPRET", "USES_TRITON_OP"]
 
 # Finite stand-in for -inf on padded columns: exp() of it is 0 and 0 * it is 0 (no inf - inf = nan).
 _NEG = tl.constexpr(-1.0e30)
@@ -104,9 +120,17 @@ def _multi_exit_kd_kernel(
     inv_D, inv_C, T, inv_T, eps,
     K: tl.constexpr, COUNT_ROWS: tl.constexpr, COUNT_BLOCK: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_SW: tl.constexpr, SOFT_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     SINGLE_TILE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    EXIT_SPLIT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    # Grid: one program per row tile, looping over the K exits; with EXIT_SPLIT, K programs per row tile
+    # (program tile * K + k handles exit k alone and computes its rows' teacher statistics itself).  The
+    # exit is the fast index so that a tile's K programs run together and K - 1 of the teacher reads hit L2.
+    if EXIT_SPLIT:
+        tile = tl.program_id(0) // K
+        k_prog = tl.program_id(0) % K
+    else:
+        tile = tl.program_id(0)
+    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -132,7 +156,7 @@ def _multi_exit_kd_kernel(
     q_on = 1.0 - eps + q_off  # ... and on the true class
     t_row = t_ptr + tl.multiple_of(rows64 * stride_tb, ALIGN)[:, None]
 
-    # ---- teacher: log r = (t - max t)/T - log sum exp((t - max t)/T), once per sample for all K exits.
+    # ---- teacher: log r = (t - max t)/T - log sum exp((t - max t)/T), once per program for its exits.
     # The max is subtracted before scaling by 1/T and log-sum kept apart from it: with |t| ~ 1e4 the
     # rounding of t/T or of (max + log sum) alone would perturb r by ~1e-4 relative.
     if HAS_TEACHER:
@@ -141,10 +165,7 @@ def _multi_exit_kd_kernel(
             tt = tl.load(t_row + cols[None, :] * stride_tc, mask=row_mask[:, None] & cmask[None, :], other=0.0)
             tt = tl.where(cmask[None, :], tt.to(tl.float32), _NEG)
             ts = (tt - tl.reduce(tt, 1, _MAX)[:, None]) * inv_T
-            et = tl.exp(ts)
-            st = tl.reduce(et, 1, _SUM)
-            lpt_tile = ts - tl.log(st)[:, None]
-            pt_tile = et / st[:, None]
+            lpt_tile = ts - tl.log(tl.reduce(tl.exp(ts), 1, _SUM))[:, None]
         else:
             mt = zero_rows + _NEG
             st = zero_rows
@@ -159,96 +180,108 @@ def _multi_exit_kd_kernel(
             log_st = tl.log(st)
 
     for k in tl.static_range(K):  # unrolled: exit k's pointer is chosen at compile time
-        z_base = (z0, z1, z2, z3, z4, z5, z6, z7)[k]
-        kk = tl.full([BLOCK_B], 0, tl.int64) + k  # int64: k * stride_gk may exceed 2**31
-        a_ce = tl.load(coef_ptr + 2 * k)
-        a_kd = tl.load(coef_ptr + 2 * k + 1)
-        if HAS_SW:
-            sw = tl.load(s_ptr + rows64 * stride_sb + kk * stride_sk, mask=row_mask, other=0.0).to(tl.float32)
+        if EXIT_SPLIT:
+            mine = k_prog == k  # one exit per program: a uniform branch skips the other K - 1 bodies
         else:
-            sw = zero_rows + 1.0
-        c_ce = sw * (a_ce * inv_N)  # per-row coefficient of CE and of (p - q)
-        c_ce_g = tl.where(valid, c_ce, 0.0)  # ... of (p - q): an ignored row gets no CE gradient
-        c_kd = sw * (a_kd * inv_D)  # per-row coefficient of KD; (s - r) gets c_kd * T
-        z_k = z_base + tl.multiple_of(rows64 * stride_zb, ALIGN)[:, None]
-        g_k = g_ptr + tl.multiple_of(kk * stride_gk + rows64 * stride_gb, ALIGN)[:, None]
+            mine = True  # folded away
+        if mine:
+            z_base = (z0, z1, z2, z3, z4, z5, z6, z7)[k]
+            k64 = tl.full([], k, tl.int64)  # int64: k * stride_gk may exceed 2**31
+            a_ce = tl.load(coef_ptr + 2 * k)
+            a_kd = tl.load(coef_ptr + 2 * k + 1)
+            if HAS_SW:
+                sw = tl.load(s_ptr + rows64 * stride_sb + k64 * stride_sk, mask=row_mask, other=0.0).to(tl.float32)
+            else:
+                sw = zero_rows + 1.0
+            c_ce = sw * (a_ce * inv_N)  # per-row coefficient of CE and of (p - q)
+            c_ce_g = tl.where(valid, c_ce, 0.0)  # ... of (p - q): an ignored row gets no CE gradient
+            c_kd = sw * (a_kd * inv_D)  # per-row coefficient of KD; (s - r) gets c_kd * T
+            z_k = z_base + tl.multiple_of(rows64 * stride_zb, ALIGN)[:, None]
+            # Hints on operands that survive constant folding: a hint on k * stride_gk (+ row offset) went
+            # with the multiply when k = 0 folded it away, and exit 0's gradient was then stored one element
+            # at a time.  tl.cast, not .to: a launch passes a stride equal to 1 as a constant.
+            g_k = ((g_ptr + k64 * tl.multiple_of(tl.cast(stride_gk, tl.int64), ALIGN))
+                   + tl.multiple_of(rows64 * stride_gb, ALIGN)[:, None])
 
-        if SINGLE_TILE:
-            cmask = (cols // ALIGN) < C_div
-            mask2 = row_mask[:, None] & cmask[None, :]
-            z = tl.load(z_k + cols[None, :] * stride_zc, mask=mask2, other=0.0)
-            z = tl.where(cmask[None, :], z.to(tl.float32), _NEG)
-            zs = z - tl.reduce(z, 1, _MAX)[:, None]
-            e = tl.exp(zs)
-            d = tl.reduce(e, 1, _SUM)
-            lp = zs - tl.log(d)[:, None]
-            q = tl.where(cols[None, :] == y[:, None], q_on, q_off)
-            ce = tl.where(valid, tl.reduce(tl.where(cmask[None, :], -q * lp, 0.0), 1, _SUM), 0.0)
-            grad = c_ce_g[:, None] * (e / d[:, None] - q)
-            row_loss = c_ce * ce
-            if HAS_TEACHER:
-                zt = zs * inv_T
-                et_s = tl.exp(zt)
-                d_s = tl.reduce(et_s, 1, _SUM)
-                lps = zt - tl.log(d_s)[:, None]
-                if SOFT_CE:
-                    kd_el = -pt_tile * lps
-                else:
-                    kd_el = pt_tile * (lpt_tile - lps)
-                kd = tl.reduce(tl.where(cmask[None, :], kd_el, 0.0), 1, _SUM) * (T * T)
-                grad += (c_kd * T)[:, None] * (et_s / d_s[:, None] - pt_tile)
-                row_loss += c_kd * kd
-            if WRITE_GRAD:
-                tl.store(g_k + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask2)
-        else:
-            # pass 1: online max and the two softmax normalisers (T = 1 and T)
-            m = zero_rows + _NEG
-            d = zero_rows
-            d_s = zero_rows
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + cols
-                cmask = (cc // ALIGN) < C_div
-                z = tl.load(z_k + cc[None, :] * stride_zc, mask=row_mask[:, None] & cmask[None, :], other=0.0)
-                z = tl.where(cmask[None, :], z.to(tl.float32), _NEG)
-                m_new = tl.maximum(m, tl.reduce(z, 1, _MAX))
-                zs = z - m_new[:, None]
-                d = d * tl.exp(m - m_new) + tl.reduce(tl.exp(zs), 1, _SUM)
+            if SINGLE_TILE:
+                cmask_k = (cols // ALIGN) < C_div
+                mask2 = row_mask[:, None] & cmask_k[None, :]
+                z = tl.load(z_k + cols[None, :] * stride_zc, mask=mask2, other=0.0)
+                z = tl.where(cmask_k[None, :], z.to(tl.float32), _NEG)
+                zs = z - tl.reduce(z, 1, _MAX)[:, None]
+                e = tl.exp(zs)
+                d = tl.reduce(e, 1, _SUM)
+                lp = zs - tl.log(d)[:, None]
+                q = tl.where(cols[None, :] == y[:, None], q_on, q_off)
+                ce = tl.where(valid, tl.reduce(tl.where(cmask_k[None, :], -q * lp, 0.0), 1, _SUM), 0.0)
+                grad = c_ce_g[:, None] * (e * (1.0 / d)[:, None] - q)
+                row_loss = c_ce * ce
                 if HAS_TEACHER:
-                    d_s = d_s * tl.exp((m - m_new) * inv_T) + tl.reduce(tl.exp(zs * inv_T), 1, _SUM)
-                m = m_new
-            lse = tl.log(d)
-            if HAS_TEACHER:
-                lse_s = tl.log(d_s)
-            # pass 2: loss terms element-wise in the log domain, gradient written chunk by chunk
-            ce = zero_rows
-            kd = zero_rows
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + cols
-                cmask = (cc // ALIGN) < C_div
-                mask2 = row_mask[:, None] & cmask[None, :]
-                z = tl.load(z_k + cc[None, :] * stride_zc, mask=mask2, other=0.0).to(tl.float32)
-                zs = z - m[:, None]
-                lp = zs - lse[:, None]
-                q = tl.where(cc[None, :] == y[:, None], q_on, q_off)
-                ce += tl.reduce(tl.where(cmask[None, :], -q * lp, 0.0), 1, _SUM)
-                grad = c_ce_g[:, None] * (tl.exp(lp) - q)
-                if HAS_TEACHER:
-                    tt = tl.load(t_row + cc[None, :] * stride_tc, mask=mask2, other=0.0).to(tl.float32)
-                    lpt = (tt - mt[:, None]) * inv_T - log_st[:, None]
-                    pt = tl.exp(lpt)
-                    lps = zs * inv_T - lse_s[:, None]
+                    zt = zs * inv_T
+                    et_s = tl.exp(zt)
+                    d_s = tl.reduce(et_s, 1, _SUM)
+                    lps = zt - tl.log(d_s)[:, None]
+                    # r, formed here rather than kept beside log r from the teacher pass: with EXIT_SPLIT it is
+                    # not live through the student's reductions; unrolled exits share one exp (CSE)
+                    pt = tl.exp(lpt_tile)
                     if SOFT_CE:
                         kd_el = -pt * lps
                     else:
-                        kd_el = pt * (lpt - lps)
-                    kd += tl.reduce(tl.where(cmask[None, :], kd_el, 0.0), 1, _SUM)
-                    grad += (c_kd * T)[:, None] * (tl.exp(lps) - pt)
+                        kd_el = pt * (lpt_tile - lps)
+                    kd = tl.reduce(tl.where(cmask_k[None, :], kd_el, 0.0), 1, _SUM) * (T * T)
+                    grad += (c_kd * T)[:, None] * (et_s * (1.0 / d_s)[:, None] - pt)
+                    row_loss += c_kd * kd
                 if WRITE_GRAD:
-                    tl.store(g_k + cc[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask2)
-            row_loss = c_ce * tl.where(valid, ce, 0.0)
-            if HAS_TEACHER:
-                row_loss += c_kd * (kd * (T * T))
-        tl.store(loss_ptr + kk * B + rows64, row_loss, mask=row_mask)
+                    tl.store(g_k + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask2)
+            else:
+                # pass 1: online max and the two softmax normalisers (T = 1 and T)
+                m = zero_rows + _NEG
+                d = zero_rows
+                d_s = zero_rows
+                for c0 in range(0, C, BLOCK_C):
+                    cc_k = c0 + cols
+                    cmask_k = (cc_k // ALIGN) < C_div
+                    z = tl.load(z_k + cc_k[None, :] * stride_zc, mask=row_mask[:, None] & cmask_k[None, :], other=0.0)
+                    z = tl.where(cmask_k[None, :], z.to(tl.float32), _NEG)
+                    m_k = tl.maximum(m, tl.reduce(z, 1, _MAX))
+                    zs = z - m_k[:, None]
+                    d = d * tl.exp(m - m_k) + tl.reduce(tl.exp(zs), 1, _SUM)
+                    if HAS_TEACHER:
+                        d_s = d_s * tl.exp((m - m_k) * inv_T) + tl.reduce(tl.exp(zs * inv_T), 1, _SUM)
+                    m = m_k
+                lse = tl.log(d)
+                if HAS_TEACHER:
+                    lse_s = tl.log(d_s)
+                # pass 2: loss terms element-wise in the log domain, gradient written chunk by chunk
+                ce = zero_rows
+                kd = zero_rows
+                for c0 in range(0, C, BLOCK_C):
+                    cc_k = c0 + cols
+                    cmask_k = (cc_k // ALIGN) < C_div
+                    mask2 = row_mask[:, None] & cmask_k[None, :]
+                    z = tl.load(z_k + cc_k[None, :] * stride_zc, mask=mask2, other=0.0).to(tl.float32)
+                    zs = z - m[:, None]
+                    lp = zs - lse[:, None]
+                    q = tl.where(cc_k[None, :] == y[:, None], q_on, q_off)
+                    ce += tl.reduce(tl.where(cmask_k[None, :], -q * lp, 0.0), 1, _SUM)
+                    grad = c_ce_g[:, None] * (tl.exp(lp) - q)
+                    if HAS_TEACHER:
+                        tk = tl.load(t_row + cc_k[None, :] * stride_tc, mask=mask2, other=0.0).to(tl.float32)
+                        lpt = (tk - mt[:, None]) * inv_T - log_st[:, None]
+                        pt = tl.exp(lpt)
+                        lps = zs * inv_T - lse_s[:, None]
+                        if SOFT_CE:
+                            kd_el = -pt * lps
+                        else:
+                            kd_el = pt * (lpt - lps)
+                        kd += tl.reduce(tl.where(cmask_k[None, :], kd_el, 0.0), 1, _SUM)
+                        grad += (c_kd * T)[:, None] * (tl.exp(lps) - pt)
+                    if WRITE_GRAD:
+                        tl.store(g_k + cc_k[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask2)
+                row_loss = c_ce * tl.where(valid, ce, 0.0)
+                if HAS_TEACHER:
+                    row_loss += c_kd * (kd * (T * T))
+            tl.store(loss_ptr + k64 * B + rows64, row_loss, mask=row_mask)
 
 
 @jit
@@ -272,55 +305,207 @@ def _grad_scale_kernel(g_ptr, out_ptr, go_ptr, stride_go, N, SKIP_ONES: tl.const
         tl.store(out_ptr + offs, (g * go).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- launcher
+# ----------------------------------------------------------------------------- launch configurations
 MAX_EXITS_PER_LAUNCH = 8  # exits handled by one launch (pointer arguments z0..z7); more -> groups of 8
-_BLOCK_OVERRIDE: dict = {}
+COUNT_IN_KERNEL_MAX_B = 1024  # up to this batch the kernel may count the rows not ignored itself ...
+COUNT_IN_KERNEL_MAX_READS = 1 << 20  # ... as long as all its programs together read <= this many targets
+SPLIT_BELOW_TILES = 512  # GPU heuristic: fewer row tiles than this -> one program per (row tile, exit)
+AUTOTUNE_ENV = "IMTA_FAST_KERNEL_AUTOTUNE"  # "0"/off/false/no: time no candidates (heuristic, or a cached winner)
+MAX_CANDIDATES = 4
+_TUNE_REPS = 25  # timed launches per candidate (median), after one untimed launch (compile, warm-up)
+_FLUSH_BYTES = 256 << 20  # zeroed before each timed launch (as triton.testing.do_bench): > L2, and ~60 us of
+# GPU work that covers the Python launch latency of the next launch
+_OVERRIDE: dict = {}  # test hooks: "block_b" / "block_c" (block_sizes), "config" (launch_config)
+_TUNED: dict = {}  # tuning key -> the winning (LaunchConfig, number of programs) (GPU, per process)
+_TUNE_LOG: dict = {}  # tuning key -> ((candidate, median ms), ...) as measured
+
+
+class LaunchConfig(NamedTuple):
+    """One launch configuration of the fused kernel: a ``block_b x block_c`` tile per program,
+    ``num_warps``, and whether each program handles one exit (``exit_split``: K programs per row tile,
+    each computing the tile's teacher statistics itself) or loops over all K."""
+
+    block_b: int
+    block_c: int
+    num_warps: int
+    exit_split: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.block_b}x{self.block_c} w{self.num_warps}" + (" split" if self.exit_split else "")
+
+    def programs(self, B: int, K: int) -> int:
+        return -(-B // self.block_b) * (K if self.exit_split else 1)
 
 
 @contextlib.contextmanager
-def block_sizes(block_b: Optional[int] = None, block_c: Optional[int] = None) -> Iterator[None]:
-    """Force the tile shape (powers of two) for launches inside the block; tests use it to cover the
-    multi-chunk path and to keep interpreter program counts low."""
-    prev = dict(_BLOCK_OVERRIDE)
-    _BLOCK_OVERRIDE.update({k: v for k, v in (("block_b", block_b), ("block_c", block_c)) if v is not None})
+def _override(**values) -> Iterator[None]:
+    prev = dict(_OVERRIDE)
+    _OVERRIDE.update({k: v for k, v in values.items() if v is not None})
     try:
         yield
     finally:
-        _BLOCK_OVERRIDE.clear()
-        _BLOCK_OVERRIDE.update(prev)
+        _OVERRIDE.clear()
+        _OVERRIDE.update(prev)
 
 
-@functools.lru_cache(maxsize=512)
-def _launch_config_cached(B: int, C: int, on_gpu: bool, block_b_o: Optional[int],
-                          block_c_o: Optional[int]) -> Tuple[int, int, int]:
-    if on_gpu:
-        block_c = min(_next_pow2(C), 4096)
-        rows_fit = max(1, 2048 // block_c)
-        rows_par = 1 << (max(1, B // 256).bit_length() - 1)  # largest power of two <= B / 256
-        block_b = max(1, min(rows_fit, rows_par))
-    else:
-        block_c = min(_next_pow2(C), 32768)
-        block_b = min(_next_pow2(B), max(1, (1 << 20) // block_c), 64)
-    block_b = block_b if block_b_o is None else block_b_o
-    block_c = block_c if block_c_o is None else block_c_o
-    num_warps = max(4, min(16, block_b * block_c // 256))
-    return block_b, block_c, num_warps, -(-B // block_b)
+def block_sizes(block_b: Optional[int] = None, block_c: Optional[int] = None):
+    """Force the tile shape (powers of two; one program per row tile, no tuning) for launches inside the
+    block; tests use it to cover the multi-chunk path and to keep interpreter program counts low."""
+    return _override(block_b=block_b, block_c=block_c)
+
+
+def launch_config(config: LaunchConfig):
+    """Launch with exactly ``config`` inside the block (no heuristic, no tuning): tests run every
+    candidate of :func:`candidate_configs` through the kernel with it."""
+    if not isinstance(config, LaunchConfig):
+        raise TypeError(f"launch_config expects a LaunchConfig, got {type(config).__name__}")
+    return _override(config=config)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _launch_config(B: int, C: int, on_gpu: bool) -> Tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_C, num_warps, number of programs), cached per (B, C, device kind, test override).
+def _heuristic(B: int, C: int, K: int, on_gpu: bool) -> LaunchConfig:
+    """The untuned configuration (and the first candidate).
 
-    GPU: a row of up to 4096 classes stays in registers (one read of the logits); small-C problems
-    pack several samples per program (tile <= 2048 elements) while keeping >= ~256 programs, and
-    num_warps gives ~8 elements per thread.  From ptxas on sm_90a: a 1 x 1024 tile with a teacher
-    uses 72 registers at 4 warps, no spills.  (Not yet tuned on a GPU: see benchmarks/NOTES.md.)
-    Interpreter: one big tile, since each program instance costs ~ms of Python.
+    GPU: a row of up to 4096 classes stays in registers (one read of the logits), longer rows go in
+    1024-wide chunks; small-C problems pack rows into tiles of <= 1024 elements while keeping >= ~256 row
+    tiles; num_warps gives 8 elements (16 bytes of bf16) per thread.  From ptxas at sm_90a (``python -m
+    benchmarks.kernel_registers``), K = 5 with a teacher: 1 x 1024 at 4 warps uses 72 registers (bf16 and
+    fp32), no spills, 7 blocks (28 warps) per SM; the former 2 x 1024 tile at 8 warps 80 / 76, 3 blocks
+    (24 warps); for C = 21841 1024-wide chunks at 4 warps 72 (7 blocks), the former 4096 at 16 warps 108
+    (1 block).  With fewer than SPLIT_BELOW_TILES row tiles (B = 256: 256 tiles, 2 per SM on a 132-SM
+    H100) each program takes one exit: K times the programs, the teacher re-read per exit (L2 hits: the
+    K programs of a tile are adjacent).  Interpreter: one big tile, since each program instance costs ~ms
+    of Python.
     """
-    return _launch_config_cached(B, C, on_gpu, _BLOCK_OVERRIDE.get("block_b"), _BLOCK_OVERRIDE.get("block_c"))
+    if on_gpu:
+        block_c = min(_next_pow2(C), 4096) if C <= 4096 else 1024
+        rows_fit = max(1, 1024 // block_c)
+        rows_par = 1 << (max(1, B // 256).bit_length() - 1)  # largest power of two <= B / 256
+        block_b = max(1, min(rows_fit, rows_par))
+        num_warps = max(1, min(16, block_b * block_c // 256))
+        return LaunchConfig(block_b, block_c, num_warps, K > 1 and -(-B // block_b) < SPLIT_BELOW_TILES)
+    block_c = min(_next_pow2(C), 32768)
+    return LaunchConfig(min(_next_pow2(B), max(1, (1 << 20) // block_c), 64), block_c, 4, False)
+
+
+@functools.lru_cache(maxsize=512)
+def _launch_candidates(B: int, C: int, K: int, on_gpu: bool, block_b_o: Optional[int], block_c_o: Optional[int],
+                       forced: Optional[LaunchConfig]) -> Tuple[Tuple[LaunchConfig, int], ...]:
+    """``(config, number of programs)`` pairs, cached per shape, device kind and test override.
+
+    The heuristic first, then up to MAX_CANDIDATES - 1 alternatives (GPU only) that a tuner may pick:
+    the other grid (exit split or not); for a row in registers the same tile at twice the warps (4
+    elements per thread: fewer registers, 8-byte bf16 accesses; at 16 warps half the tile width instead)
+    and twice the rows at twice the warps (the 2 x 1024 tile the heuristic used before); for chunked rows
+    2048- and 4096-wide chunks at 16 warps (the latter the former default).  Every candidate of the
+    shapes in benchmarks/kernel_registers.py compiles for sm_90a without spills (tested)."""
+    if forced is not None:
+        return ((forced, forced.programs(B, K)),)
+    h = _heuristic(B, C, K, on_gpu)
+    if block_b_o is not None or block_c_o is not None:
+        bb = h.block_b if block_b_o is None else block_b_o
+        bc = h.block_c if block_c_o is None else block_c_o
+        h = LaunchConfig(bb, bc, max(4, min(16, bb * bc // 256)), False)
+        return ((h, h.programs(B, K)),)
+    if not on_gpu:
+        return ((h, h.programs(B, K)),)
+    alts = []
+    if K > 1:
+        alts.append(h._replace(exit_split=not h.exit_split))
+    if C > h.block_c:  # chunked rows: wider chunks at 16 warps (4096: the default before tuning)
+        alts += [h._replace(block_c=2048, num_warps=16), h._replace(block_c=4096, num_warps=16)]
+    else:
+        if h.block_b * h.block_c >= 64 * h.num_warps:  # 4 elements per thread: fewer registers, 8-byte accesses
+            alts.append(h._replace(num_warps=2 * h.num_warps) if h.num_warps < 16 else h._replace(block_c=h.block_c // 2))
+        if h.block_b * h.block_c <= 2048 and 2 * h.block_b <= _next_pow2(B):  # two rows per tile, 8 per thread
+            alts.append(h._replace(block_b=2 * h.block_b, num_warps=min(16, 2 * h.num_warps)))
+    out = [h]
+    for a in alts:
+        if a not in out:
+            out.append(a)
+    return tuple((c, c.programs(B, K)) for c in out[:MAX_CANDIDATES])
+
+
+def candidate_configs(B: int, C: int, K: int, on_gpu: bool = True) -> Tuple[LaunchConfig, ...]:
+    """The launch configurations tried for a problem of this shape (the first is the heuristic's); the
+    same for every dtype, so tuning keys carry the dtype but the candidate list does not."""
+    return tuple(c for c, _ in _launch_candidates(int(B), int(C), int(K), bool(on_gpu), None, None, None))
+
+
+def _autotune_enabled() -> bool:
+    """Read on each untuned key only (not per call), so it can be switched within a process."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _may_time(traceable: bool) -> bool:
+    """Timing candidates is sound only in a plain eager call: not while tracing (``torch.compile`` bakes
+    the configuration into its graph), not while a CUDA graph is captured, not under a dispatch mode
+    (which would see the timing launches and the L2-flush buffer), and not when switched off."""
+    if traceable or not _autotune_enabled():
+        return False
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _time_launch(launch, config: LaunchConfig) -> float:
+    """Median device time in ms of ``launch(config)`` from CUDA events.  The kernel writes only its
+    outputs, so re-running it is harmless.  The first launch compiles; before each timed one a buffer
+    larger than L2 is zeroed, so the kernel reads cold data, and the events are queued behind GPU work
+    that hides the Python launch latency from them (otherwise a small B would time the host, not the
+    kernel).  The buffer goes back to PyTorch's caching allocator afterwards."""
+    launch(config)
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(_TUNE_REPS)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(_TUNE_REPS)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        launch(config)
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2]
+
+
+def _tune(key: tuple, plans: Tuple[Tuple[LaunchConfig, int], ...], launch) -> Tuple[LaunchConfig, int]:
+    """Time every candidate ``(config, programs)`` once per key and process (``launch(config)`` runs one),
+    keep the fastest.  A candidate other than the heuristic that fails to compile or launch (e.g. out of
+    resources on this GPU) loses with a warning; a failing heuristic raises as an untuned launch would."""
+    times = []
+    for i, (cfg, _) in enumerate(plans):
+        try:
+            times.append(_time_launch(launch, cfg))
+        except Exception as exc:  # noqa: BLE001 - any compile/launch error disqualifies the candidate
+            if i == 0:
+                raise
+            warnings.warn(f"multi_exit_kd autotune: candidate {cfg} failed ({type(exc).__name__}: {exc}); skipped")
+            times.append(float("inf"))
+    best = plans[min(range(len(plans)), key=times.__getitem__)]
+    _TUNED[key] = best
+    _TUNE_LOG[key] = tuple((cfg, ms) for (cfg, _), ms in zip(plans, times))
+    return best
+
+
+def autotune_log() -> List[dict]:
+    """What the tuner measured in this process, one record per key: the problem, the heuristic's and the
+    chosen configuration (as strings) and each candidate's median time in ms (``inf``: failed)."""
+    out = []
+    for key, timed in _TUNE_LOG.items():
+        B, C, K, dtype, mixed, has_t, has_sw, write_grad, align = key
+        out.append(dict(B=B, C=C, K=K, dtype=str(dtype).replace("torch.", ""), mixed_dtypes=mixed, teacher=has_t,
+                        sample_weights=has_sw, write_grad=write_grad, align=align, heuristic=str(timed[0][0]),
+                        chosen=str(_TUNED[key][0]), times_ms={str(c): round(t, 5) for c, t in timed}))
+    return out
+
+
+def clear_autotune_cache() -> None:
+    """Forget every tuned configuration (the next call per key tunes again)."""
+    _TUNED.clear()
+    _TUNE_LOG.clear()
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -344,9 +529,6 @@ def _run(kernel, grid, traceable: bool, *args, **kwargs) -> None:
     (torch.library.wrap_triton(kernel) if traceable else kernel)[grid](*args, **kwargs)
 
 
-COUNT_IN_KERNEL_MAX_B = 1024  # up to this batch the kernel counts the rows not ignored itself
-
-
 def multi_exit_kd_forward(
     logits, target: torch.Tensor, teacher: Optional[torch.Tensor],
     sample_weights: Optional[torch.Tensor], exit_coef: torch.Tensor, temperature: float,
@@ -358,6 +540,11 @@ def multi_exit_kd_forward(
     Returns ``(row_loss [K, B] fp32, grad [K, B, C])``: ``grad`` is d(sum row_loss)/d(logits), in the
     logits dtype (fp32 for fp16 or mixed fp16/fp32), one buffer; an empty tensor when ``write_grad`` is False.
     ``check=False`` skips the ``exit_coef`` validation (the dispatch layer built it).
+
+    Launch configuration: on a GPU the first call per (B, C, K, dtype, teacher, sample weights, gradient,
+    alignment) times the candidates of :func:`candidate_configs` and keeps the fastest (one dict lookup
+    afterwards); without tuning (``IMTA_FAST_KERNEL_AUTOTUNE=0``, tracing, CUDA graph capture, dispatch
+    modes, the interpreter) the heuristic's, or a winner already cached.
     """
     exits = tuple(logits.unbind(0)) if isinstance(logits, torch.Tensor) else tuple(logits)
     K = len(exits)
@@ -381,36 +568,55 @@ def multi_exit_kd_forward(
     device = z0.device
     row_loss = torch.empty((K, B), dtype=torch.float32, device=device)
     grad = torch.empty((K, B, C) if write_grad else (0,), dtype=_grad_dtype(dtype), device=device)
-    count_rows = B <= COUNT_IN_KERNEL_MAX_B
-    n_valid = target if count_rows else (target != ignore_index).sum()  # CE's denominator, on the device
     has_t = teacher is not None
     has_sw = sample_weights is not None
     t = teacher if has_t else z0  # dummy pointers, never read
-    block_b, block_c, num_warps, n_prog = _launch_config(B, C, z0.is_cuda and not INTERPRET)
+    on_gpu = z0.is_cuda and not INTERPRET
     g_strides = (B * C, C) if write_grad else (0, 0)
     tstride = t.stride() if has_t else (0, 0)
     align = _row_alignment_cached(zstride, tstride if has_t else None, C, g_strides,
                                   min(e.element_size() for e in exits) if mixed else z0.element_size())
-    for g0 in range(0, K, MAX_EXITS_PER_LAUNCH):  # one launch for K <= 8
-        g1 = min(K, g0 + MAX_EXITS_PER_LAUNCH)
-        grp = exits[g0:g1] + (z0,) * (MAX_EXITS_PER_LAUNCH - (g1 - g0))
-        whole = g0 == 0 and g1 == K  # no slicing views in the common case
-        coef = exit_coef if whole else exit_coef[g0:g1]
-        sw = (sample_weights if whole else sample_weights[:, g0:g1]) if has_sw else exit_coef
-        loss_g = row_loss if whole else row_loss[g0:g1]
-        grad_g = grad if (whole or not write_grad) else grad[g0:g1]
+    counted = []  # the ATen count of rows not ignored: made once, and only if a configuration needs it
+
+    def launch(cfg: LaunchConfig, n_prog: int, grp, coef, sw, loss_g, grad_g, Kg: int) -> None:
+        count_rows = B <= COUNT_IN_KERNEL_MAX_B and B * n_prog <= COUNT_IN_KERNEL_MAX_READS
+        if not count_rows and not counted:
+            counted.append((target != ignore_index).sum())  # CE's denominator, on the device
         _run(_multi_exit_kd_kernel, (n_prog,), traceable,
              *grp, zstride[0], zstride[1],
-             target, target.stride(0), int(ignore_index), n_valid,
+             target, target.stride(0), int(ignore_index), target if count_rows else counted[0],
              t, tstride[0], tstride[1],
              sw, sw.stride(0) if has_sw else 0, sw.stride(1) if has_sw else 0,
              coef, loss_g, grad_g, g_strides[0], g_strides[1],
              B, C,
              1.0 / B if kl_batchmean else 1.0 / (B * C), 1.0 / C,
              float(temperature), 1.0 / float(temperature), float(label_smoothing),
-             K=g1 - g0, COUNT_ROWS=count_rows, COUNT_BLOCK=min(_next_pow2(B), 1024),
+             K=Kg, COUNT_ROWS=count_rows, COUNT_BLOCK=min(_next_pow2(B), 1024),
              HAS_TEACHER=has_t, HAS_SW=has_sw, SOFT_CE=soft_ce, WRITE_GRAD=write_grad,
-             SINGLE_TILE=C <= block_c, ALIGN=align, BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps)
+             SINGLE_TILE=C <= cfg.block_c, ALIGN=align, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
+             EXIT_SPLIT=cfg.exit_split, num_warps=cfg.num_warps)
+
+    for g0 in range(0, K, MAX_EXITS_PER_LAUNCH):  # one launch for K <= 8
+        g1 = min(K, g0 + MAX_EXITS_PER_LAUNCH)
+        Kg = g1 - g0
+        grp = exits[g0:g1] + (z0,) * (MAX_EXITS_PER_LAUNCH - Kg)
+        whole = g0 == 0 and g1 == K  # no slicing views in the common case
+        coef = exit_coef if whole else exit_coef[g0:g1]
+        sw = (sample_weights if whole else sample_weights[:, g0:g1]) if has_sw else exit_coef
+        loss_g = row_loss if whole else row_loss[g0:g1]
+        grad_g = grad if (whole or not write_grad) else grad[g0:g1]
+        ov = _OVERRIDE
+        plans = (_launch_candidates(B, C, Kg, on_gpu, ov.get("block_b"), ov.get("block_c"), ov.get("config")) if ov
+                 else _launch_candidates(B, C, Kg, on_gpu, None, None, None))
+        plan = plans[0]
+        if len(plans) > 1:
+            key = (B, C, Kg, dtype, mixed, has_t, has_sw, write_grad, align)
+            tuned = _TUNED.get(key)
+            if tuned is not None:
+                plan = tuned
+            elif _may_time(traceable):
+                plan = _tune(key, plans, lambda c: launch(c, c.programs(B, Kg), grp, coef, sw, loss_g, grad_g, Kg))
+        launch(*plan, grp, coef, sw, loss_g, grad_g, Kg)
     return row_loss, grad
 
 

@@ -256,11 +256,11 @@ def test_launch_config_and_exit_coefficients_are_cached():
     y = torch.randint(0, C, (B,), device=DEVICE)
     kw = dict(kd_weight=[0.1, 0.2, 0.3], exit_weights=(1.0, 2.0, 3.0), kd_exits=[0, 1])
     FN.multi_exit_loss(z, y, z[0], impl="triton", **kw)
-    hits = kd_mod._launch_config_cached.cache_info().hits
+    hits = kd_mod._launch_candidates.cache_info().hits
     c1 = FN._exit_coef(K, True, kw["kd_weight"], kw["exit_weights"], kw["kd_exits"], z.device)
     FN.multi_exit_loss(z, y, z[0], impl="triton", **kw)
     c2 = FN._exit_coef(K, True, kw["kd_weight"], kw["exit_weights"], kw["kd_exits"], z.device)
-    assert kd_mod._launch_config_cached.cache_info().hits > hits
+    assert kd_mod._launch_candidates.cache_info().hits > hits
     assert c1[0] is c2[0]  # the same device tensor: no host-to-device copy per step
     w = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)  # tensors are not cached (values may change)
     assert FN._exit_coef(K, True, 0.5, w, None, z.device)[0] is not FN._exit_coef(K, True, 0.5, w, None, z.device)[0]

@@ -489,17 +489,21 @@ def compile_(fn, sig, consts, ptrs, num_warps):
 
 k = JITFunction(kd._multi_exit_kd_kernel.fn)
 n_vec = 0
-for dt, teacher, single, soft, sw, wg, align in [
-        ("bf16", True, True, False, True, True, 8), ("fp32", True, False, True, False, True, 4),
-        ("bf16", False, True, False, False, True, 1), ("fp16", True, False, False, True, False, 1),
-        ("fp32", False, False, False, True, True, 4)]:
+for dt, teacher, single, soft, sw, wg, align, split in [
+        ("bf16", True, True, False, True, True, 8, False), ("fp32", True, False, True, False, True, 4, True),
+        ("bf16", False, True, False, False, True, 1, True), ("fp16", True, False, False, True, False, 1, False),
+        ("fp32", False, False, False, True, True, 4, False)]:
     ptrs = {"y_ptr": "*i64", "n_ptr": "*i64", "t_ptr": "*" + dt, "s_ptr": "*fp32", "coef_ptr": "*fp32",
             "loss_ptr": "*fp32", "g_ptr": "*" + dt, **{f"z{i}": "*" + dt for i in range(8)}}
     sig = dict(ptrs, **{n: "fp32" for n in ("inv_D", "inv_C", "T", "inv_T", "eps")})
     consts = dict(K=5, COUNT_ROWS=single, COUNT_BLOCK=256, HAS_TEACHER=teacher, HAS_SW=sw, SOFT_CE=soft, WRITE_GRAD=wg, SINGLE_TILE=single, ALIGN=align,
-                  BLOCK_B=2 if single else 1, BLOCK_C=1024, stride_zc=1, stride_tc=1)
+                  BLOCK_B=2 if single else 1, BLOCK_C=1024, EXIT_SPLIT=split, stride_zc=1, stride_tc=1)
     ptx = compile_(k, sig, consts, ptrs, 8)
     n_vec += bool(re.search(r"ld\.global\.v\d", ptx)) if align > 1 else 0
+# K = B = C = 1 as a GPU launch specialises it: integer arguments equal to 1 become constants
+ones = {n: 1 for n in ("B", "C", "stride_zb", "stride_y", "stride_tb", "stride_gk", "stride_gb", "stride_sb", "stride_sk")}
+compile_(k, sig, dict(consts, K=1, COUNT_ROWS=True, COUNT_BLOCK=1, HAS_TEACHER=True, HAS_SW=True, WRITE_GRAD=True,
+                      SINGLE_TILE=True, ALIGN=1, BLOCK_B=1, BLOCK_C=1, **ones), ptrs, 1)
 g = JITFunction(kd._grad_scale_kernel.fn)
 compile_(g, {"g_ptr": "*bf16", "out_ptr": "*bf16", "go_ptr": "*fp32"}, dict(SKIP_ONES=True, BLOCK=4096),
          ("g_ptr", "out_ptr", "go_ptr"), 8)
@@ -511,7 +515,8 @@ print("OK", n_vec)
 def test_kernels_compile_for_sm90():
     """The interpreter does not type-check like the compiler: compile the real (non-interpreted)
     kernels for sm_90 through Triton's bundled toolchain (no GPU needed), in a subprocess without
-    TRITON_INTERPRET, and check that aligned rows get vector loads."""
+    TRITON_INTERPRET -- feature flags, the exit-split grid, and K = B = C = 1 with the integer arguments
+    a launch turns into constants -- and check that aligned rows get vector loads."""
     import os
     import subprocess
     import sys
@@ -526,11 +531,12 @@ def test_kernels_compile_for_sm90():
     assert last == "OK 3", f"vectorised loads expected in the 3 aligned variants: {last}"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_and_cuda_graph_capture():
-    """GPU only: after a warm-up step (kernel compile, per-exit weight constants cached) the loss's
-    forward + backward does no host synchronisation, and it can be captured in a CUDA graph and
-    replayed on new data."""
+    """GPU only: after a warm-up step (kernel compile, launch configuration tuned, per-exit weight
+    constants cached) the loss's forward + backward does no host synchronisation, and it can be captured
+    in a CUDA graph and replayed on new data."""
     K, B, C = 5, 64, 1000
     kw = dict(temperature=2.0, kd_weight=0.1, exit_weights=[1.0, 0.5, 1.0, 2.0, 1.0], label_smoothing=0.1)
     z = torch.randn(K, B, C, device="cuda", requires_grad=True)
