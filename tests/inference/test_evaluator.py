@@ -159,6 +159,8 @@ def test_opaque_pytree_state_with_none():
         thr[k] = (thr[k] + below.max()) / 2
     sim = apply_thresholds(conf, pred, torch.zeros(90, dtype=torch.long), thr)
     _, exit_index, predictions, confidence = _run(EarlyExitEvaluator(model, thr, buckets="pow2"), x, 45)
+    _, exit_chunked, _, _ = _run(EarlyExitEvaluator(model, thr, micro_batch=16), x, 90)  # (state, prior) in chunks
+    assert torch.equal(exit_chunked, exit_index)
     assert (sim.exit_counts > 0).all()
     assert torch.equal(exit_index, sim.exit_index)
     assert torch.equal(predictions, pred.gather(0, sim.exit_index[None])[0])

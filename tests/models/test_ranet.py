@@ -253,8 +253,8 @@ def _tie_free(conf, thr):
 
 @pytest.mark.parametrize("bs,options", [
     (96, {}), (37, {}), (37, {"buckets": "pow2", "channels_last": True}), (37, {"fold_bn": True}),
-    (37, {"compile": True, "compile_backend": "eager"}),
-], ids=["whole", "bs37", "pow2-channels_last", "fold_bn", "compile"])
+    (37, {"compile": True, "compile_backend": "eager"}), (96, {"micro_batch": 20, "channels_last": True}),
+], ids=["whole", "bs37", "pow2-channels_last", "fold_bn", "compile", "micro_batch"])
 def test_early_exit_evaluator_parity_with_simulated_protocol(bs, options):
     """EarlyExitEvaluator on a random-init RANet == apply_thresholds on the full-network logits."""
     from imta_fast.inference.evaluator import EarlyExitEvaluator
