@@ -45,7 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     if cfg.mode == "wallclock":
         print(format_wallclock(results))
-    print(f"wrote {output}/anytime.csv, budgeted.csv, summary.json, anytime.png, budgeted.png")
+    extra = ", wallclock.csv, wallclock.png" if cfg.mode == "wallclock" else ""
+    print(f"wrote {output}/anytime.csv, budgeted.csv, summary.json, anytime.png, budgeted.png{extra}")
     return 0
 
 
