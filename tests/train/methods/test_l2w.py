@@ -428,6 +428,7 @@ def _ddp_worker(out_path):
         if info.rank == 0:
             torch.save({"model": model.state_dict(), "wpn": method.wpn.state_dict()}, out_path)
         D.barrier()
+        del ctx, runner  # release DDP (and its hold on the group) before the group is destroyed
     finally:
         D.cleanup()
 
