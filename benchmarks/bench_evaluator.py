@@ -39,6 +39,8 @@ import pytest
 import torch
 
 from imta_fast.flops import count_exit_costs
+from imta_fast.inference.buckets import parse_buckets
+from imta_fast.inference.config import parse_micro_batch
 from imta_fast.inference.evaluator import EarlyExitEvaluator
 from imta_fast.inference.latency import measure_costs_and_time, predict_batches_ms
 from imta_fast.inference.protocol import confidences_and_predictions, exit_fractions, exit_indices, fit_thresholds
@@ -186,17 +188,13 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="eager", choices=["eager", "compile", "cuda_graphs"])
     p.add_argument("--amp", action="store_true")
     p.add_argument("--fold-bn", action="store_true")
-    p.add_argument("--micro-batch", default="auto", help="auto, none or rows per chunk")
+    p.add_argument("--micro-batch", default="auto", type=parse_micro_batch, help="auto, none or rows per chunk")
     args = p.parse_args(argv)
-    mb = {"auto": "auto", "none": None}.get(args.micro_batch.lower(), None)
-    if mb is None and args.micro_batch.lower() != "none":
-        mb = int(args.micro_batch)
-    from imta_fast.inference.buckets import parse_buckets
 
     for m in args.model:
         r = measure_case(m, args.batch_size, args.device, impl=args.impl, amp=args.amp, threads=args.threads,
                          repeats=args.repeats, buckets=parse_buckets(args.buckets),
-                         channels_last=not args.no_channels_last, fold_bn=args.fold_bn, micro_batch=mb)
+                         channels_last=not args.no_channels_last, fold_bn=args.fold_bn, micro_batch=args.micro_batch)
         print(format_case(r), flush=True)
     return 0
 

@@ -10,11 +10,25 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from imta_fast.inference.buckets import parse_buckets
 
-__all__ = ["EvalConfig", "build_parser", "parse_eval_config"]
+__all__ = ["EvalConfig", "build_parser", "parse_eval_config", "parse_micro_batch"]
+
+
+def parse_micro_batch(text) -> Union[None, int, str]:
+    """Command-line form of ``micro_batch``: ``auto``, ``none`` or a positive number of rows."""
+    t = str(text).strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    try:
+        rows = int(t)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"bad --micro-batch {text!r}: use auto, none or a positive number of rows")
+    return rows
 
 
 def _opt(default, help: str, **meta):
@@ -81,16 +95,7 @@ class EvalConfig:
 
     def micro_batch_spec(self):
         """The executor's ``micro_batch``: None, 'auto' or a positive int, from ``--micro-batch``."""
-        t = str(self.micro_batch).strip().lower()
-        if t in ("auto", "none"):
-            return None if t == "none" else "auto"
-        try:
-            rows = int(t)
-        except ValueError:
-            rows = 0
-        if rows < 1:
-            raise ValueError(f"bad --micro-batch {self.micro_batch!r}: use auto, none or a positive number of rows")
-        return rows
+        return parse_micro_batch(self.micro_batch)
 
     def bucket_spec(self):
         """The executor's buckets: parsed ``--buckets``, with ``auto`` resolved."""

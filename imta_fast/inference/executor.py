@@ -64,7 +64,7 @@ class Chunks(list):
     """A stage state split into row chunks (a list of states; rows concatenate in order) of at most
     ``limit`` rows each."""
 
-    def __init__(self, chunks=(), limit: int = 0):
+    def __init__(self, chunks, limit: int):
         super().__init__(chunks)
         self.limit = limit
 
@@ -115,7 +115,7 @@ def _gather_chunks(chunks: Chunks, idx: torch.Tensor, sizes: List[int], limit: i
     starts = (ends - ends.new_tensor(counts)).tolist()
     flat = [tree_flatten(c) for c in chunks]
     spec = flat[0][1]
-    out = Chunks(limit=limit)
+    out = Chunks((), limit)
     for sub in idx.split(sizes):
         src = torch.searchsorted(ends, sub, right=True)
         ids, lens = torch.unique_consecutive(src, return_counts=True)

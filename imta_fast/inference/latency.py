@@ -137,9 +137,7 @@ def stage_rows(active: Sequence[int], buckets: Buckets, min_rows: int, batch_siz
 
 def _batch_ms(active: Sequence[int], costs: StageCosts, buckets: Buckets, min_rows: int, batch_size: int) -> float:
     rows = stage_rows(active, buckets, min_rows, batch_size)
-    if not costs.gather_table_ms:
-        return costs.batch_overhead_ms + sum(costs.stage_ms(k, r) for k, r in enumerate(rows))
-    total = costs.batch_overhead_ms
+    total = costs.batch_overhead_ms  # (without a gather table, compute_ms = stage_ms and gather_ms = 0)
     for k, r in enumerate(rows):
         if r <= 0:
             break

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from imta_fast.inference.executor import DEFAULT_COMPILED_BUCKETS, Chunks, StageExecutor, chunk_sizes
+from imta_fast.inference.executor import (_AUTO_MIN_ROWS, AUTO_MICRO_BATCH_BYTES, DEFAULT_COMPILED_BUCKETS, Chunks,
+                                          StageExecutor, chunk_sizes)
 from imta_fast.inference.protocol import max_softmax
 from imta_fast.models import create_model
 
@@ -122,7 +123,7 @@ def test_micro_batch_auto_sizes_chunks_from_state_bytes_and_keeps_memory_format(
     m = ex.chunk_rows(x)
     state, _, _ = ex.run(0, ex.prepare(x[:2])[0], x.device)
     per_row = max(t[0].numel() * t.element_size() for t in state)
-    assert m == max(16, (16 << 20) // per_row)
+    assert m == max(_AUTO_MIN_ROWS, AUTO_MICRO_BATCH_BYTES // per_row)
     ex_small = StageExecutor(model, micro_batch=16, channels_last=True)
     s, _ = ex_small.prepare(x)
     s, _, _ = ex_small.run(0, s, x.device)
